@@ -1,0 +1,30 @@
+# The two commands of the README. Each creates its own virtual environment and installs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Offline, on CPU: generate the phantom, extract its features with a random-init DINOv3
+# (labelled "random, not pretrained"), then show and verify the store.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dinomix-cache extract --dataset phantom --teacher random:tiny --out storage/phantom.zarr
+	$(VENV)/bin/dinomix-cache info storage/phantom.zarr
+	$(VENV)/bin/dinomix-cache verify storage/phantom.zarr --data data/phantom
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) storage/*.zarr storage/*.lock data/phantom
