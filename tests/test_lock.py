@@ -16,9 +16,9 @@ from dinomix_cache.lock import StoreLock, lock_path
 
 def test_second_writer_refused_and_told_who_holds_it(tmp_path):
     store = tmp_path / "s.zarr"
-    with StoreLock(store), pytest.raises(UserError, match=rf"being written by another extraction \(pid {os.getpid()}"):
-        with StoreLock(store):
-            pass
+    held = rf"being written by another extraction \(pid {os.getpid()}"
+    with StoreLock(store), pytest.raises(UserError, match=held), StoreLock(store):
+        pass
     with StoreLock(store):  # released on exit
         pass
 

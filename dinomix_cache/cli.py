@@ -1,0 +1,283 @@
+"""The ``dinomix-cache`` command line: thin typer wrappers over the Python functions of each stage.
+
+Every verb maps its options onto a settings dataclass and calls one function; a
+:class:`~dinomix_cache.errors.UserError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from dinomix_cache.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+err = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    help="DINO-Mix 3D CT segmentation with a shareable DINOv3 feature store.\n\n"
+    "Stage one: `extract` runs a frozen teacher once over every axial slice into a Zarr store. "
+    "Inspect it with `info`, check it with `verify`, measure with `bench`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Measured speed (see the README's performance section).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def user_errors(fn: F) -> F:
+    """Turn a UserError into one red line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            one_line = " ".join(str(exc).split())
+            err.print(f"[red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="dinomix-cache: %(message)s", force=True)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def parse_shape(text: str, dims: int, what: str) -> tuple[int, ...]:
+    """``"80x160x160"`` → (80, 160, 160); a single number repeats (``"160"`` → (160, 160))."""
+    try:
+        values = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected {dims} integers like {'x'.join(['160'] * dims)}") from None
+    if len(values) == 1:
+        values = values * dims
+    if len(values) != dims or min(values) < 1:
+        raise UserError(f"{what} {text!r}: expected {dims} positive integers like {'x'.join(['160'] * dims)}")
+    return values
+
+
+# ------------------------------------------------------------------------------------ extract
+DatasetOpt = typer.Option("phantom", "--dataset", help="phantom (built-in, offline), synapse, amos or msd.")
+DataOpt = typer.Option(None, "--data", help="Dataset root. Default data/<dataset>; the phantom is generated "
+                       "there on first use.")
+TeacherOpt = typer.Option(
+    "facebook/dinov3-vits16-pretrain-lvd1689m", "--teacher",
+    help="Hugging Face hub id or local directory of a vision transformer (DINOv3, DINOv2, CLIP, SigLIP/SigLIP2), "
+    "or random:tiny|vits16|vitb16|vitl16 for a random-init DINOv3 (labelled 'random, not pretrained').")
+LabeledOpt = typer.Option(None, "--labeled", help="Labeled share: synapse 10p|20p|40p (default 20p), "
+                          "amos 2p|5p|10p (default 5p), msd/phantom any Np.")
+SplitDirOpt = typer.Option(None, "--split-dir", help="Folder of split lists overriding the shipped ones.")
+SeedOpt = typer.Option(0, "--split-seed", help="Seed of generated splits (msd, phantom with few cases).")
+ShapeOpt = typer.Option("80x160x160", "--target-shape", help="Volume shape D x H x W after preprocessing.")
+InputOpt = typer.Option(None, "--input-size", help="Teacher input per slice, H x W pixels (multiple of the "
+                        "patch size). Default: the slice size.")
+DtypeOpt = typer.Option("float32", "--dtype", help="Teacher dtype: float32, bfloat16 or float16.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+BatchOpt = typer.Option(32, "--batch-size", help="Slices per teacher forward (batches span cases).")
+WorkersOpt = typer.Option(2, "--workers", help="Threads reading and preprocessing the next cases.")
+PhantomCasesOpt = typer.Option(None, "--phantom-cases", help="Phantom: number of cases (default the 30 "
+                               "Synapse ids, so the shipped Synapse splits apply).")
+PhantomMatrixOpt = typer.Option(512, "--phantom-matrix", help="Phantom: in-plane voxels per side.")
+
+
+def build_extract_settings(
+    dataset: str, data: Path | None, out_path: Path | None, teacher: str, revision: str | None,
+    input_size: str | None, dtype: str, device: str, labeled: str | None, split_dir: Path | None,
+    split_seed: int, target_shape: str, batch_size: int, workers: int, cases: list[str] | None,
+    overwrite: bool, volumes: bool, compression: str, keepbits: int, chunk_slices: int,
+    phantom_cases: int | None, phantom_matrix: int, progress: bool,
+) -> Any:
+    """Map CLI options onto :class:`~stage1_extract.settings.ExtractSettings`."""
+    from dinomix_cache.classes import SYNAPSE_CASE_IDS
+    from dinomix_cache.datasets import SplitSettings
+    from dinomix_cache.phantom import PhantomSettings
+    from dinomix_cache.preprocess import PreprocessSettings
+    from dinomix_cache.store import StoreSettings
+    from stage1_extract.settings import ExtractSettings
+    from stage1_extract.teacher import TeacherSettings
+
+    phantom_ids = SYNAPSE_CASE_IDS if phantom_cases is None else tuple(f"{i:04d}" for i in range(1, phantom_cases + 1))
+    return ExtractSettings(
+        dataset=dataset, data=data, out=out_path,
+        split=SplitSettings(labeled=labeled, split_dir=split_dir, seed=split_seed),
+        preprocess=PreprocessSettings(target_shape=parse_shape(target_shape, 3, "--target-shape")),
+        teacher=TeacherSettings(source=teacher, revision=revision, dtype=dtype, device=device,
+                                input_size=parse_shape(input_size, 2, "--input-size") if input_size else None),
+        storage=StoreSettings(compression=compression, keepbits=keepbits, chunk_slices=chunk_slices, volumes=volumes),
+        phantom=PhantomSettings(case_ids=phantom_ids, matrix=phantom_matrix),
+        batch_size=batch_size, workers=workers, cases=tuple(cases) if cases else None,
+        overwrite=overwrite, progress=progress,
+    )
+
+
+@app.command()
+@user_errors
+def extract(
+    dataset: str = DatasetOpt,
+    data: Path | None = DataOpt,
+    out_path: Path | None = typer.Option(None, "--out", help="Store path. Default storage/<dataset>.zarr."),
+    teacher: str = TeacherOpt,
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    input_size: str | None = InputOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    labeled: str | None = LabeledOpt,
+    split_dir: Path | None = SplitDirOpt,
+    split_seed: int = SeedOpt,
+    target_shape: str = ShapeOpt,
+    batch_size: int = BatchOpt,
+    workers: int = WorkersOpt,
+    cases: list[str] | None = typer.Option(None, "--cases", help="Only these case ids (repeat the option)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete and rebuild an existing store."),
+    volumes: bool = typer.Option(True, "--volumes/--no-volumes", help="Also store the preprocessed image and "
+                                 "label volumes (training then needs nothing else)."),
+    compression: str = typer.Option(
+        "lossless", "--compression",
+        help="lossless (Blosc-zstd, exact, ≈1.1× on float16 features), lossy (bit rounding to --keepbits "
+        "mantissa bits, then Blosc: relative error ≤ 2^-(keepbits+1), measured max 0.39 % at keepbits 7) "
+        "or none."),
+    keepbits: int = typer.Option(7, "--keepbits", help="Mantissa bits kept by --compression lossy (1..9)."),
+    chunk_slices: int = typer.Option(8, "--chunk-slices", help="Slices per stored chunk."),
+    phantom_cases: int | None = PhantomCasesOpt,
+    phantom_matrix: int = PhantomMatrixOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run the frozen teacher once over every axial slice and write the feature store.
+
+    Resumes by default: complete cases are skipped, so an interrupted run is simply rerun.
+    Refuses to append to a store made with another teacher, input size or preprocessing
+    (--overwrite rebuilds it). Works offline on --dataset phantom with --teacher random:tiny.
+    """
+    _setup_logging()
+    from stage1_extract.runner import run_extraction
+
+    settings = build_extract_settings(
+        dataset, data, out_path, teacher, revision, input_size, dtype, device, labeled, split_dir, split_seed,
+        target_shape, batch_size, workers, cases, overwrite, volumes, compression, keepbits, chunk_slices,
+        phantom_cases, phantom_matrix, progress)
+    report = run_extraction(settings)
+    state = "complete" if report.complete else "incomplete (some cases not extracted yet)"
+    rate = f", {report.slices_per_s:.1f} slices/s" if report.slices else ""
+    err.print(f"store {report.store}: {len(report.computed)} case(s) extracted, {len(report.skipped)} already "
+              f"complete{rate}; store {state}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------ info / verify
+@app.command()
+@user_errors
+def info(
+    store: Path = typer.Argument(..., help="A feature store (.zarr folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Show a store's teacher, preprocessing, dataset, cases by role, shapes and sizes."""
+    from dinomix_cache.inspection import store_info
+
+    summary = store_info(store)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    t, p, d, b = summary["teacher"], summary["preprocessing"], summary["dataset"], summary["bytes"]
+    per_slice = summary["feature_bytes_per_slice"]
+    rows = [
+        ("store", f"{summary['path']} ({summary['format']})"),
+        ("teacher", f"{t['source']} [{t['label']}] {t['family']}, hidden {t['hidden_size']}, patch "
+                    f"{t['patch_size']}, input {t['input_size'][0]}x{t['input_size'][1]}, {t['dtype']}"),
+        ("weights sha256", str(t.get("weights_sha256"))),
+        ("preprocessing", f"orientation {p.get('orientation')}, HU {p.get('hu_window')}, {p.get('normalisation')}, "
+                          f"resized to {'x'.join(str(v) for v in p['target_shape'])}"),
+        ("dataset", f"{d['name']}, {len(d['class_names'])} classes, split {json.dumps(d.get('split', {}))}"),
+        ("cases complete/all", ", ".join(f"{r} {v['complete']}/{v['cases']}"
+                                         for r, v in summary["cases_by_role"].items())),
+        ("feature shape", "; ".join("x".join(str(v) for v in s) for s in summary["feature_shapes"]) or "-"),
+        ("bytes on disk", f"{b['total'] / 1e6:.2f} MB (features {b['features'] / 1e6:.2f} MB, "
+                          f"volumes {b['volumes'] / 1e6:.2f} MB)"),
+        ("feature bytes per slice", f"{per_slice / 1e3:.1f} kB" if per_slice else "-"),
+        ("compression", summary["storage"]["compression"]),
+        ("incomplete cases", " ".join(summary["incomplete_cases"]) or "none"),
+        ("extraction", "complete" if summary["extraction_complete"] else "not finished: rerun extract"),
+    ]
+    for key, value in rows:
+        out.print(f"[bold]{key:<24}[/]{escape(value)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def verify(
+    store: Path = typer.Argument(..., help="A feature store (.zarr folder)."),
+    data: Path | None = typer.Option(None, "--data", help="The dataset root the store was made from: "
+                                     "re-hash every source file against the recorded sha256."),
+) -> None:
+    """Re-read every chunk; check shapes, completeness, statistics and (with --data) source hashes.
+
+    Exit code 0 when sound, 1 with a list of problems.
+    """
+    from dinomix_cache.inspection import verify_store
+
+    problems = verify_store(store, data)
+    if problems:
+        for line in problems:
+            err.print(f"[red]✗[/] {escape(line)}", highlight=False, soft_wrap=True)
+        err.print(f"{store}: {len(problems)} problem(s)", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{store}: OK (every chunk read, shapes and statistics consistent"
+              f"{', sources match' if data else ''})", highlight=False)
+
+
+# ------------------------------------------------------------------------------------ bench
+@bench_app.command("extract")
+@user_errors
+def bench_extract_cmd(
+    dataset: str = DatasetOpt,
+    data: Path | None = DataOpt,
+    teacher: str = typer.Option("random:vits16", "--teacher", help=TeacherOpt.help),
+    input_size: str | None = InputOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    target_shape: str = ShapeOpt,
+    batch_size: int = BatchOpt,
+    workers: int = WorkersOpt,
+    max_cases: int = typer.Option(8, "--max-cases", help="Cases to run (the first ones)."),
+    phantom_cases: int | None = PhantomCasesOpt,
+    phantom_matrix: int = PhantomMatrixOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+) -> None:
+    """End-to-end extraction throughput (slices/s) against the teacher's forward alone.
+
+    Same device, same slices, same run; ratio = end-to-end / teacher-only (1.0 = the teacher is
+    the only cost).
+    """
+    _setup_logging()
+    from stage1_extract.bench import bench_extract
+
+    settings = build_extract_settings(
+        dataset, data, None, teacher, None, input_size, dtype, device, None, None, 0, target_shape, batch_size,
+        workers, None, False, True, "lossless", 7, 8, phantom_cases, phantom_matrix, not as_json)
+    result = bench_extract(settings, max_cases=max_cases)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            out.print(f"{key}: {value}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

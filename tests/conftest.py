@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny phantom dataset and extraction settings that run in seconds on CPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from dinomix_cache.phantom import PhantomSettings, generate_phantom  # noqa: E402
+from dinomix_cache.preprocess import PreprocessSettings  # noqa: E402
+from dinomix_cache.store import StoreSettings  # noqa: E402
+from stage1_extract.settings import ExtractSettings  # noqa: E402
+from stage1_extract.teacher import TeacherSettings  # noqa: E402
+
+# Six small phantom cases (ids 0001-0006, so roles come from a seeded split): one labeled,
+# three unlabeled, one eval, one test.
+TINY_PHANTOM = PhantomSettings(case_ids=tuple(f"{i:04d}" for i in range(1, 7)), matrix=48)
+TINY_SHAPE = (16, 32, 32)  # (D, H, W): 2 x 2 token grid with a patch-16 teacher
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    generate_phantom(root, TINY_PHANTOM, progress=False)
+    return root
+
+
+def tiny_settings(data: Path, out: Path, **changes) -> ExtractSettings:
+    """Settings of a fast extraction of the tiny phantom with the random tiny DINOv3."""
+    base = ExtractSettings(
+        dataset="phantom",
+        data=data,
+        out=out,
+        phantom=TINY_PHANTOM,
+        preprocess=PreprocessSettings(target_shape=TINY_SHAPE),
+        teacher=TeacherSettings(source="random:tiny"),
+        storage=StoreSettings(chunk_slices=4),
+        batch_size=12,
+        progress=False,
+    )
+    return replace(base, **changes)
