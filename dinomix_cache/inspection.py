@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dinomix_cache.datasets import ROLES
 from dinomix_cache.preprocess import file_sha256
 from dinomix_cache.store import FeatureStore
 
@@ -32,6 +33,8 @@ def store_info(path: Path | str) -> dict[str, Any]:
         entry = by_role.setdefault(role, {"cases": 0, "complete": 0})
         entry["cases"] += 1
         entry["complete"] += cid in complete
+    order = {role: i for i, role in enumerate(ROLES)}
+    by_role = dict(sorted(by_role.items(), key=lambda item: order.get(item[0], len(order))))
     slices = 0
     feature_shapes: set[tuple[int, ...]] = set()
     for cid in complete:

@@ -1,13 +1,15 @@
 """``bench extract``: end-to-end extraction throughput against the teacher's forward alone.
 
-Both are measured in one process, on the same device and the same slices: first the whole
-pipeline (read NIfTI, preprocess, teacher, compress, write) into a temporary store, then the
-teacher alone on the very slices that pipeline wrote, in the same batches. A ratio near 1 means
-reading, preprocessing and writing hide behind the teacher.
+Both are measured in one process, on the same device and the same slices: the whole pipeline
+(read NIfTI, preprocess, teacher, compress, write) into a temporary store, then the teacher alone
+on the very slices that pipeline wrote, in the same batches. The pair is repeated and medians are
+reported, since a shared machine's speed drifts by several percent from minute to minute. A ratio
+near 1 means reading, preprocessing and writing hide behind the teacher.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -20,18 +22,31 @@ from dinomix_cache.preprocess import load_case
 from dinomix_cache.store import FeatureStore
 from stage1_extract.runner import extract_cases, open_or_create_store, prepare_dataset, store_meta
 from stage1_extract.settings import ExtractSettings
-from stage1_extract.teacher import load_teacher
+from stage1_extract.streams import default_streams, streamed_forward
+from stage1_extract.teacher import Teacher, load_teacher
 
 
-def bench_extract(settings: ExtractSettings, max_cases: int = 8) -> dict[str, float]:
+def _teacher_only(teacher: Teacher, images: np.ndarray, batch_size: int, streams: int) -> float:
+    """Seconds for the teacher's forward over ``images`` (N, H, W), batch by batch, on the same
+    streams as the extraction."""
+    batches = ((i, torch.from_numpy(images[i:i + batch_size])) for i in range(0, len(images), batch_size))
+    start = time.perf_counter()
+    for _ in streamed_forward(teacher, batches, streams):
+        pass
+    return time.perf_counter() - start
+
+
+def bench_extract(settings: ExtractSettings, max_cases: int = 8, repeats: int = 3) -> dict[str, object]:
     """Measure ``{"slices_per_s_end_to_end", "slices_per_s_teacher_only", "ratio", ...}``.
 
     Args:
         settings: as for extract; ``out`` is ignored (a temporary store is used).
         max_cases: how many cases of the dataset to run (the first ones in id order).
+        repeats: how many (end-to-end, teacher-only) pairs to run; medians are reported.
 
     Returns:
-        Throughputs in slices per second, their ratio, and what was measured.
+        Median throughputs in slices per second, their ratio, each repeat's numbers, and what was
+        measured (teacher, device, dtype, batch size, threads).
     """
     settings = settings.resolved()
     spec = prepare_dataset(settings, progress=settings.progress)
@@ -39,31 +54,33 @@ def bench_extract(settings: ExtractSettings, max_cases: int = 8) -> dict[str, fl
     teacher = load_teacher(settings.teacher)
     settings = replace(settings, teacher=teacher.settings, progress=False)
     hw = settings.preprocess.target_shape[1:]
-    warm = torch.rand(min(settings.batch_size, 8), *teacher.resolved_input_size(hw))
-    teacher.forward_slices(warm)  # first-call allocations and kernel selection stay out of both timings
-    load_case(cases[0], settings.preprocess, len(spec.class_names))  # so do the readers' lazy imports
+    # First-call costs (allocations, kernel choice, the readers' lazy imports) stay out of the timings.
+    teacher.forward_slices(torch.rand(min(settings.batch_size, 8), *teacher.resolved_input_size(hw)))
+    load_case(cases[0], settings.preprocess, len(spec.class_names))
+    streams = settings.teacher_streams or default_streams(teacher)
+    end_to_end, alone = [], []
     with tempfile.TemporaryDirectory(prefix="dinomix-bench-") as tmp:
-        out = Path(tmp) / "bench.zarr"
-        run = replace(settings, out=out, overwrite=True)
-        store = open_or_create_store(run, store_meta(run, spec, teacher))
-        slices, end_to_end_s = extract_cases(store, teacher, spec, cases, run)
-        store = FeatureStore.open(out)
-        images = np.concatenate([store.read_volume(c.case_id, "image") for c in cases])
-    batches = [torch.from_numpy(images[i:i + settings.batch_size]) for i in range(0, len(images), settings.batch_size)]
-    start = time.perf_counter()
-    for batch in batches:
-        teacher.forward_slices(batch.float())
-    teacher_s = time.perf_counter() - start
-    e2e, alone = slices / end_to_end_s, len(images) / teacher_s
+        for i in range(max(1, repeats)):
+            run = replace(settings, out=Path(tmp) / f"bench{i}.zarr", overwrite=True)
+            store = open_or_create_store(run, store_meta(run, spec, teacher))
+            slices, seconds = extract_cases(store, teacher, spec, cases, run)
+            end_to_end.append(slices / seconds)
+            store = FeatureStore.open(run.out)
+            images = np.concatenate([store.read_volume(c.case_id, "image") for c in cases])
+            alone.append(len(images) / _teacher_only(teacher, images, settings.batch_size, streams))
+    e2e, only = statistics.median(end_to_end), statistics.median(alone)
     return {
         "slices_per_s_end_to_end": round(e2e, 3),
-        "slices_per_s_teacher_only": round(alone, 3),
-        "ratio": round(e2e / alone, 4),
+        "slices_per_s_teacher_only": round(only, 3),
+        "ratio": round(e2e / only, 4),
+        "ratios": [round(a / b, 4) for a, b in zip(end_to_end, alone, strict=True)],
         "cases": len(cases),
         "slices": slices,
+        "repeats": len(end_to_end),
         "teacher": teacher.describe(),
         "device": str(teacher.device),
         "dtype": settings.teacher.dtype,
         "batch_size": settings.batch_size,
         "torch_threads": torch.get_num_threads(),
+        "teacher_streams": streams,
     }

@@ -27,12 +27,12 @@ class ExtractionProgress:
         self.enabled = enabled and cases > 0
         self._progress = Progress(
             TextColumn("[bold]extract[/] {task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
-            TextColumn("slices · {task.fields[rate]} slices/s"),
+            TextColumn("slices {task.fields[rate]}/s"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(compact=True),
             console=console or Console(stderr=True),
             disable=not self.enabled,
             transient=False,

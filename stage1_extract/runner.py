@@ -32,6 +32,7 @@ from dinomix_cache.preprocess import PreprocessedCase, load_case
 from dinomix_cache.store import FeatureStore, is_store, remove_store, settings_to_json
 from stage1_extract.progress import ExtractionProgress
 from stage1_extract.settings import ExtractSettings
+from stage1_extract.streams import default_streams, streamed_forward
 from stage1_extract.teacher import Teacher, load_teacher
 
 log = logging.getLogger("dinomix_cache.extract")
@@ -257,17 +258,19 @@ def extract_cases(
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
         try:
             loaded = _read_ahead(cases, load, readers, settings.prefetch)
-            for parts, finished in _batches(loaded, settings.batch_size, grid):
-                batch = np.concatenate([state.case.image[a:b] for state, a, b in parts])
-                feats = teacher.forward_slices(torch.from_numpy(batch).float()).numpy()
+            batches = (((parts, finished), torch.from_numpy(np.concatenate([s.case.image[a:b] for s, a, b in parts])))
+                       for parts, finished in _batches(loaded, settings.batch_size, grid))
+            streams = settings.teacher_streams or default_streams(teacher)
+            for (parts, finished), out in streamed_forward(teacher, batches, streams):
+                feats = out.numpy()
                 offset = 0
                 for state, a, b in parts:
                     state.features[a:b] = feats[offset:offset + b - a]
                     offset += b - a
                     state.filled += b - a
-                slices += len(batch)
+                slices += len(feats)
                 if progress:
-                    progress.advance_slices(len(batch))
+                    progress.advance_slices(len(feats))
                 for state in finished:
                     writes.append(writer.submit(write, state))
                 # Bound memory: at most two finished cases wait for the writer.

@@ -23,6 +23,8 @@ class ExtractSettings:
         batch_size: slices per teacher forward; batches span case boundaries.
         workers: threads reading and preprocessing cases while the teacher runs.
         prefetch: cases read ahead of the teacher (memory: one volume each).
+        teacher_streams: parallel teacher forwards; None = one single-threaded stream per core
+            on CPU, one stream on a GPU (see :mod:`stage1_extract.streams`).
         cases: only these case ids (the store still records the whole dataset).
         overwrite: delete an existing store at ``out`` first.
         progress: show a progress bar.
@@ -39,6 +41,7 @@ class ExtractSettings:
     batch_size: int = 32
     workers: int = 2
     prefetch: int = 2
+    teacher_streams: int | None = None
     cases: tuple[str, ...] | None = None
     overwrite: bool = False
     progress: bool = True

@@ -144,3 +144,13 @@ def test_no_volumes_store_has_features_and_stats_only(phantom_dir, tmp_path):
 def test_settings_replace_keeps_defaults():
     s = replace(tiny_settings(None, None), dataset="synapse", data=None, out=None).resolved()
     assert str(s.data) == "data/synapse" and str(s.out) == "storage/synapse.zarr"
+
+
+def test_bench_extract_reports_both_throughputs(phantom_dir):
+    from stage1_extract.bench import bench_extract
+
+    result = bench_extract(tiny_settings(phantom_dir, None), max_cases=2, repeats=1)
+    assert result["slices"] == 2 * TINY_SHAPE[0]
+    assert result["slices_per_s_end_to_end"] > 0 and result["slices_per_s_teacher_only"] > 0
+    assert result["ratio"] == round(result["slices_per_s_end_to_end"] / result["slices_per_s_teacher_only"], 4)
+    assert RANDOM_LABEL in result["teacher"]
