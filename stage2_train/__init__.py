@@ -1,0 +1,1 @@
+"""Stage two: the DINO-Mix student, trained from a feature store."""
