@@ -271,12 +271,8 @@ def _read_nifti(
             data = np.asanyarray(proxy)
     except UserError:
         raise
-    except FileNotFoundError as exc:
-        raise UserError(f"{path} does not exist; check --data or re-run discovery") from exc
     except _READ_ERRORS as exc:
-        reason = " ".join(str(exc).split())  # some readers put newlines in their messages
-        raise UserError(f"cannot read {path} ({type(exc).__name__}: {reason}): the file is corrupt or "
-                        "truncated; re-download or re-export it") from exc
+        raise _read_error(path, exc, "re-download or re-export it") from exc
     norms = np.linalg.norm(affine[:3, :3], axis=0)
     if not np.all(np.isfinite(affine)) or norms.min() < 1e-6 or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise UserError(f"{path} has a degenerate affine (spacing {np.round(norms, 6).tolist()} mm): "
@@ -354,15 +350,19 @@ def _same_grid(img_path: Path, lbl_path: Path, img_shape: tuple, lbl_shape: tupl
                             "re-export the label with the image's geometry")
 
 
+def _read_error(path: Path, exc: BaseException, fix: str) -> UserError:
+    """One-line error for a file that is missing or cannot be decoded."""
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"{path} does not exist; check --data or re-run discovery")
+    reason = " ".join(str(exc).split())  # some readers put newlines in their messages
+    return UserError(f"cannot read {path} ({type(exc).__name__}: {reason}): the file is corrupt or truncated; {fix}")
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError as exc:
-        raise UserError(f"{path} does not exist; check --data or re-run discovery") from exc
     except _READ_ERRORS as exc:
-        reason = " ".join(str(exc).split())  # some readers put newlines in their messages
-        raise UserError(f"cannot read {path} ({type(exc).__name__}: {reason}): the file is corrupt or "
-                        "truncated; regenerate it") from exc
+        raise _read_error(path, exc, "regenerate it") from exc
     if not isinstance(arr, np.ndarray) or arr.ndim != 3:
         raise UserError(f"{path} has shape {getattr(arr, 'shape', '?')}: a 3D (D, H, W) volume is needed")
     return arr

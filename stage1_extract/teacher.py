@@ -70,6 +70,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 @dataclass(frozen=True)
 class TeacherSettings:
+    """Which frozen teacher, and how it runs. All but ``device`` change feature values and are
+    recorded in the store (``Teacher.identity``).
+
+    Attributes:
+        source: hub id, local directory, or ``random:tiny|vits16|vitb16|vitl16`` (random init,
+            labelled "random, not pretrained" everywhere).
+        revision: hub branch, tag or commit (hub ids only).
+        input_size: teacher input (H, W) in pixels per slice, a multiple of the patch size;
+            None = the slice size.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``, ``cuda:N``.
+    """
+
     source: str = DEFAULT_TEACHER  # hub id, local directory, or "random:tiny|vits16|vitb16|vitl16"
     revision: str | None = None  # hub revision (branch/tag/commit)
     input_size: tuple[int, int] | None = None  # teacher input (H, W) per slice; None -> the slice size
