@@ -111,8 +111,8 @@ def build_extract_settings(
     from dinomix_cache.phantom import PhantomSettings
     from dinomix_cache.preprocess import PreprocessSettings
     from dinomix_cache.store import StoreSettings
+    from dinomix_cache.teacher import TeacherSettings
     from stage1_extract.settings import ExtractSettings
-    from stage1_extract.teacher import TeacherSettings
 
     phantom_ids = SYNAPSE_CASE_IDS if phantom_cases is None else tuple(f"{i:04d}" for i in range(1, phantom_cases + 1))
     return ExtractSettings(

@@ -20,10 +20,10 @@ import torch
 
 from dinomix_cache.preprocess import load_case
 from dinomix_cache.store import FeatureStore
+from dinomix_cache.teacher import Teacher, load_teacher
 from stage1_extract.runner import extract_cases, open_or_create_store, prepare_dataset, store_meta
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward
-from stage1_extract.teacher import Teacher, load_teacher
 
 
 def _teacher_only(teacher: Teacher, images: np.ndarray, batch_size: int, streams: int) -> float:

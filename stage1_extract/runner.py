@@ -30,10 +30,10 @@ from dinomix_cache.lock import StoreLock
 from dinomix_cache.phantom import generate_phantom
 from dinomix_cache.preprocess import PreprocessedCase, load_case
 from dinomix_cache.store import FeatureStore, is_store, remove_store, settings_to_json
+from dinomix_cache.teacher import Teacher, load_teacher
 from stage1_extract.progress import ExtractionProgress
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward
-from stage1_extract.teacher import Teacher, load_teacher
 
 log = logging.getLogger("dinomix_cache.extract")
 

@@ -9,7 +9,7 @@ from dinomix_cache.datasets import SplitSettings
 from dinomix_cache.phantom import PhantomSettings
 from dinomix_cache.preprocess import PreprocessSettings
 from dinomix_cache.store import StoreSettings
-from stage1_extract.teacher import TeacherSettings
+from dinomix_cache.teacher import TeacherSettings
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from stage1_extract.teacher import Teacher
+from dinomix_cache.teacher import Teacher
 
 T = TypeVar("T")
 

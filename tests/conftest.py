@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from dinomix_cache.phantom import PhantomSettings, generate_phantom  # noqa: E402
 from dinomix_cache.preprocess import PreprocessSettings  # noqa: E402
 from dinomix_cache.store import StoreSettings  # noqa: E402
+from dinomix_cache.teacher import TeacherSettings  # noqa: E402
 from stage1_extract.settings import ExtractSettings  # noqa: E402
-from stage1_extract.teacher import TeacherSettings  # noqa: E402
 
 # Six small phantom cases (ids 0001-0006, so roles come from a seeded split): one labeled,
 # three unlabeled, one eval, one test.

@@ -14,8 +14,8 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.inspection import store_info, verify_store
 from dinomix_cache.preprocess import PreprocessSettings
 from dinomix_cache.store import FeatureStore
+from dinomix_cache.teacher import RANDOM_LABEL, TeacherSettings
 from stage1_extract.runner import run_extraction
-from stage1_extract.teacher import RANDOM_LABEL, TeacherSettings
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dinomix_cache.errors import UserError
+from dinomix_cache.teacher import TeacherSettings, load_teacher
 from stage1_extract.streams import streamed_forward
-from stage1_extract.teacher import TeacherSettings, load_teacher
 
 
 def test_streams_keep_order_and_values():

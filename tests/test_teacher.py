@@ -1,4 +1,4 @@
-"""Tests for stage1_extract.teacher with tiny random checkpoints saved locally (no hub access)."""
+"""Tests for dinomix_cache.teacher with tiny random checkpoints saved locally (no hub access)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import transformers
 from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
 
+from dinomix_cache import teacher_families as fam
 from dinomix_cache.errors import UserError
-from stage1_extract import teacher_families as fam
-from stage1_extract.teacher import (
+from dinomix_cache.teacher import (
     RANDOM_LABEL,
     RANDOM_TEACHERS,
     Teacher,

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dinomix_cache import teacher_families as fam
 from dinomix_cache.errors import UserError
-from stage1_extract import teacher_families as fam
 
 RANDOM_TEACHERS = {"tiny", "vits16", "vitb16", "vitl16"}
 DEFAULT_TEACHER = "facebook/dinov3-vits16-pretrain-lvd1689m"
