@@ -94,6 +94,7 @@ def test_resume_computes_only_missing_cases(phantom_dir, tmp_path):
 @pytest.mark.parametrize(
     ("change", "field"),
     [
+        ({"teacher": TeacherSettings(source="random:vits16")}, "teacher.config_sha256"),
         ({"teacher": TeacherSettings(source="random:tiny", input_size=(64, 64))}, "teacher.input_size"),
         ({"teacher": TeacherSettings(source="random:tiny", dtype="bfloat16")}, "teacher.dtype"),
         ({"preprocess": PreprocessSettings(target_shape=TINY_SHAPE, hu_window=(-100.0, 200.0))},
