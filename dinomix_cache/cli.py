@@ -155,7 +155,7 @@ def extract(
         "lossy (features rounded to --keepbits mantissa bits, then zstd: relative error ≤ 2^-(keepbits+1), "
         "measured max 0.39 % at keepbits 7) or none."),
     keepbits: int = typer.Option(7, "--keepbits", help="Mantissa bits kept by --compression lossy (1..9)."),
-    chunk_slices: int = typer.Option(8, "--chunk-slices", help="Slices per stored chunk."),
+    chunk_slices: int = typer.Option(16, "--chunk-slices", help="Slices per stored chunk (a 64-slice crop reads 4-5)."),
     phantom_cases: int | None = PhantomCasesOpt,
     phantom_matrix: int = PhantomMatrixOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -278,7 +278,7 @@ def bench_extract_cmd(
 
     settings = build_extract_settings(
         dataset, data, None, teacher, None, input_size, dtype, device, None, None, 0, target_shape, batch_size,
-        workers, None, False, True, "lossless", 7, 8, phantom_cases, phantom_matrix, not as_json)
+        workers, None, False, True, "lossless", 7, 16, phantom_cases, phantom_matrix, not as_json)
     result = bench_extract(settings, max_cases=max_cases, repeats=repeats)
     if as_json:
         print(json.dumps(result))

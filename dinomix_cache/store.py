@@ -65,7 +65,7 @@ class StoreSettings:
 
     compression: str = "lossless"
     keepbits: int = 7
-    chunk_slices: int = 8
+    chunk_slices: int = 16
     volumes: bool = True
 
     def __post_init__(self) -> None:
