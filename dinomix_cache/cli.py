@@ -180,6 +180,67 @@ def extract(
               f"complete{rate}; store {state}", highlight=False, soft_wrap=True)
 
 
+# ------------------------------------------------------------------------------------ train
+@app.command()
+@user_errors
+def train(
+    cache: Path | None = typer.Option(None, "--cache", help="The feature store to train from (on --resume: only "
+                                      "if it moved; it must be the same store)."),
+    out_path: Path | None = typer.Option(None, "--out", help="Run folder. Default runs/<store>-<targets>-seed<seed>."),
+    preset: str = typer.Option("paper", "--preset", help="paper (the paper's settings) or cpu-small (width 4, "
+                               "32x64x64 crops, 8 epochs: about 4 minutes on 2 CPU cores, for demos)."),
+    targets: str = typer.Option("hybrid", "--targets", help="Distillation targets: hybrid (cache, teacher only for "
+                                "mixed or flipped slices), cache (no teacher at all) or online (teacher always)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random draw and of the initialisation."),
+    epochs: int | None = typer.Option(None, "--epochs", help="E_max (an epoch = one pass over the unlabeled cases). "
+                                      "On --resume, a larger value trains longer with the schedule stretched."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue a run folder from its latest checkpoint."),
+    width: int | None = typer.Option(None, "--width", help="VNet base width (preset: 32 paper, 4 cpu-small)."),
+    crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (multiples of 16)."),
+    tau: float | None = typer.Option(None, "--tau", help="Pseudo-label confidence threshold (default 0.95)."),
+    no_fkd: bool = typer.Option(False, "--no-fkd", help="Ablation: no foundation-feature distillation."),
+    no_pic: bool = typer.Option(False, "--no-pic", help="Ablation: no PIC mixing (unlabeled crops stay as they are)."),
+    no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no auxiliary balanced head losses."),
+    pic_eta: float | None = typer.Option(None, "--pic-eta", help="PIC eta (2/3; 0 = uniform, inf = balanced)."),
+    pic_gamma: float | None = typer.Option(None, "--pic-gamma", help="PIC gamma of P_bal ∝ I_c^gamma (1.0)."),
+    labeled_only: bool = typer.Option(False, "--labeled-only", help="Baseline: supervised on the labeled cases only."),
+    flip: bool = typer.Option(False, "--flip", help="Random flips of the weak view (forces teacher recomputes)."),
+    aux_mode: str = typer.Option("exclude", "--aux-mode", help="exclude (true masking) or skcdf (SKCDF's multiply)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many iterations in total."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train the DINO-Mix student from a feature store (the teacher only where targets need it)."""
+    _setup_logging()
+    from dataclasses import replace
+
+    from stage2_train.settings import preset as make_preset
+    from stage2_train.train import train as run_training
+
+    if resume is not None:
+        run = run_training(None, resume=resume, max_steps=max_steps, epochs=epochs, cache=cache, progress=progress)
+        err.print(f"run {run}: progress.png, log.jsonl, latest.pt and best.pt", highlight=False, soft_wrap=True)
+        return
+    if cache is None:
+        raise UserError("pass --cache STORE (a store made by extract), or --resume RUN")
+    try:
+        settings = make_preset(preset, cache)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    pic = replace(settings.pic, enabled=not no_pic, **({"eta": pic_eta} if pic_eta is not None else {}),
+                  **({"gamma": pic_gamma} if pic_gamma is not None else {}))
+    changes: dict = {"out": out_path, "targets": targets, "seed": seed, "fkd": not no_fkd, "aux": not no_aux,
+                     "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode, "pic": pic}
+    for key, value in (("epochs", epochs), ("width", width), ("tau", tau)):
+        if value is not None:
+            changes[key] = value
+    if crop:
+        changes["crop"] = parse_shape(crop, 3, "--crop")
+    if targets not in ("online", "cache", "hybrid"):
+        raise UserError(f"--targets {targets}: choose online, cache or hybrid")
+    run = run_training(replace(settings, **changes), max_steps=max_steps, progress=progress)
+    err.print(f"run {run}: progress.png, log.jsonl, latest.pt and best.pt", highlight=False, soft_wrap=True)
+
+
 # ------------------------------------------------------------------------------------ info / verify
 @app.command()
 @user_errors

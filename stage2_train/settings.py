@@ -1,0 +1,84 @@
+"""Settings of stage two (``dinomix-cache train``): one dataclass, saved resolved with every run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from stage2_train.pic import PicSettings
+
+PRESETS = ("paper", "cpu-small")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run depends on. Defaults are the paper's (``--preset paper``).
+
+    Attributes:
+        cache: the feature store.
+        out: the run folder (default ``runs/<store name>-<targets>-seed<seed>``).
+        width: VNet base width (32 in the paper; 4-8 for CPU demos).
+        crop: (D, H, W) training crop in voxels, each a multiple of 16.
+        n_labeled, n_unlabeled: crops per iteration (2 + 2).
+        epochs: E_max; an epoch is one pass over the unlabeled cases.
+        lr, momentum, weight_decay, nesterov, poly_power: SGD with poly decay (1 - E/E_max)^0.9.
+        ema_decay: EMA teacher decay.
+        lambda_unsup: weight of the unsupervised terms.
+        tau: pseudo-label confidence threshold (0 = every voxel).
+        gamma_range: strong view's random gamma range.
+        flip: random flips of the weak view (every flipped crop forces a teacher recompute).
+        pic: Progressive Imbalance-aware CutMix settings (``pic.enabled`` False = no PIC).
+        fkd: foundation-feature distillation on x_mix.
+        aux: auxiliary balanced head losses.
+        aux_mode: ``exclude`` (true masking) or ``skcdf`` (SKCDF's multiply behaviour).
+        labeled_only: supervised baseline on the labeled crops only.
+        targets: ``online``, ``cache`` or ``hybrid`` distillation targets.
+        seed: seeds every random draw.
+        checkpoint_every: iterations between atomic ``latest`` checkpoints.
+        projector_hidden: hidden channels of the projector (None = one 1x1x1 conv).
+    """
+
+    cache: Path
+    out: Path | None = None
+    width: int = 32
+    crop: tuple[int, int, int] = (64, 128, 128)
+    n_labeled: int = 2
+    n_unlabeled: int = 2
+    epochs: int = 1500
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    nesterov: bool = True
+    poly_power: float = 0.9
+    ema_decay: float = 0.99
+    lambda_unsup: float = 0.5
+    tau: float = 0.95
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    flip: bool = False
+    pic: PicSettings = field(default_factory=PicSettings)
+    fkd: bool = True
+    aux: bool = True
+    aux_mode: str = "exclude"
+    labeled_only: bool = False
+    targets: str = "hybrid"
+    seed: int = 0
+    checkpoint_every: int = 50
+    projector_hidden: int | None = None
+
+    def resolved(self) -> TrainSettings:
+        """A copy with the run folder filled in."""
+        if self.out is not None:
+            return self
+        name = Path(self.cache).name.removesuffix(".zarr")
+        mode = "labeled-only" if self.labeled_only else self.targets
+        return replace(self, out=Path("runs") / f"{name}-{mode}-seed{self.seed}")
+
+
+def preset(name: str, cache: Path) -> TrainSettings:
+    """The named preset: ``paper`` (the paper's settings) or ``cpu-small`` (width 4, 32x64x64 crops,
+    8 epochs of 8 iterations: about 4 minutes on 2 CPU cores, for demos; not for accuracy)."""
+    if name == "paper":
+        return TrainSettings(cache=cache)
+    if name == "cpu-small":
+        return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=8, checkpoint_every=16)
+    raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")

@@ -1,0 +1,207 @@
+"""``dinomix-cache train``: DINO-Mix from a feature store, with validation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinomix_cache.errors import UserError
+from dinomix_cache.store import FeatureStore
+from dinomix_cache.teacher import TeacherSettings, load_teacher
+from stage2_train.pic import PicSettings
+from stage2_train.run_folder import RunFolder, store_identity
+from stage2_train.sampling import VolumeCache, center_crop
+from stage2_train.settings import TrainSettings
+from stage2_train.targets import TargetPolicy, make_policy
+from stage2_train.trainer import DinoMixIteration, TrainState
+
+log = logging.getLogger("dinomix_cache.train")
+
+
+def open_training_store(settings: TrainSettings) -> FeatureStore:
+    """Open the store and check it can train: complete, labeled cases, volumes, crop fits.
+
+    Raises:
+        UserError: naming what is missing and how to fix it.
+    """
+    store = FeatureStore.open(settings.cache)
+    incomplete = store.incomplete_cases()
+    if incomplete or store.class_voxels() is None:
+        raise UserError(f"{store.path} is not complete ({len(incomplete)} case(s) missing, e.g. "
+                        f"{' '.join(incomplete[:3]) or 'statistics'}); rerun extract to finish it")
+    roles = store.roles()
+    if not any(r == "labeled" for r in roles.values()):
+        raise UserError(f"{store.path} has no labeled cases; extract it with a split that has some (--labeled)")
+    if not store.storage.volumes:
+        raise UserError(f"{store.path} holds no volumes (made with --no-volumes); training needs them: "
+                        "rebuild the store with volumes")
+    shape = tuple(int(v) for v in store.meta["preprocessing"]["target_shape"])
+    if any(c > v for c, v in zip(settings.crop, shape, strict=True)):
+        raise UserError(f"crop {'x'.join(map(str, settings.crop))} is larger than the store's volumes "
+                        f"{'x'.join(map(str, shape))}; use a smaller --crop")
+    if any(c % 16 for c in settings.crop):
+        raise UserError(f"crop {'x'.join(map(str, settings.crop))}: every side must be a multiple of 16 (the VNet)")
+    return store
+
+
+def load_policy(settings: TrainSettings, store: FeatureStore, volumes: VolumeCache) -> TargetPolicy | None:
+    """The distillation target policy; ``online``/``hybrid`` load the teacher the store records.
+
+    Raises:
+        UserError: the teacher cannot be loaded, or is not the one the store was made with.
+    """
+    if not settings.fkd or settings.labeled_only:
+        return None
+    teacher = None
+    if settings.targets in ("online", "hybrid"):
+        recorded = store.meta["teacher"]
+        try:
+            teacher = load_teacher(TeacherSettings(source=recorded["source"], revision=recorded.get("revision"),
+                                                   dtype=recorded["dtype"]))
+        except UserError as exc:
+            raise UserError(f"--targets {settings.targets} needs the store's teacher: {exc} "
+                            "(or train with --targets cache, which needs no teacher)") from None
+        identity = teacher.identity(tuple(recorded["input_size"]))
+        if identity.get("weights_sha256") != recorded.get("weights_sha256"):
+            raise UserError(f"the teacher at {recorded['source']} is not the one {store.path} was made with "
+                            "(weights differ); use --targets cache")
+    return make_policy(settings.targets, store, volumes, teacher)
+
+
+def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str]) -> float:
+    """Mean foreground Dice of the student's main head on the centre crop of each eval case
+    (hard Dice per class over all eval crops; classes absent from both are left out)."""
+    student = iteration.student
+    student.eval()
+    num_classes = student.vnet.num_classes
+    inter = np.zeros(num_classes)
+    total = np.zeros(num_classes)
+    with torch.inference_mode():
+        for cid in eval_ids:
+            crop = center_crop(cid, volumes.shape(cid), iteration.settings.crop)
+            pred = student(volumes.crop_image(crop)[None].to(iteration.device)).logits.argmax(1)[0].cpu()
+            label = volumes.crop_label(crop)
+            for c in range(1, num_classes):
+                p, g = pred == c, label == c
+                inter[c] += int((p & g).sum())
+                total[c] += int(p.sum() + g.sum())
+    present = total[1:] > 0
+    dice = 2 * inter[1:][present] / total[1:][present]
+    return float(dice.mean()) if dice.size else 0.0
+
+
+def train(settings: TrainSettings | None, resume: Path | None = None, max_steps: int | None = None,
+          epochs: int | None = None, cache: Path | None = None, progress: bool = False) -> Path:
+    """Train (or resume) a run; returns the run folder.
+
+    Args:
+        settings: the run's settings (None on resume: the run's own are used).
+        resume: a run folder to continue from its ``latest`` checkpoint.
+        max_steps: stop after this many iterations in total (tests, smoke runs).
+        epochs: on resume, a new E_max (raising it trains longer with the schedule stretched).
+        cache: on resume, the store if it moved (it must be the same store: attributes are compared).
+        progress: show a progress bar (epoch, step, loss, step time, ETA).
+
+    Raises:
+        UserError: bad store, crop, teacher, or a resume from another store.
+    """
+    if resume is not None:
+        folder = RunFolder(resume)
+        settings = settings_from_json(folder.settings())
+        if cache is not None:
+            settings = replace(settings, cache=Path(cache))
+        if epochs is not None and epochs != settings.epochs:
+            log.info("E_max %d -> %d: the poly schedule is stretched over the new length", settings.epochs, epochs)
+            settings = replace(settings, epochs=epochs)
+    else:
+        if settings is None:
+            raise UserError("no settings for a new run: pass --cache STORE")
+        settings = settings.resolved()
+        folder = RunFolder(settings.out)  # type: ignore[arg-type]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store = open_training_store(settings)
+    identity = store_identity(store)
+    if resume is not None and folder.identity()["attrs_sha256"] != identity["attrs_sha256"]:
+        raise UserError(f"{resume} was trained from another store ({folder.identity()['path']}); "
+                        f"{store.path} differs. Resume with the same store or start a new run")
+    roles = store.roles()
+    cases = store.complete_cases()
+    volumes = VolumeCache(store, cases, with_labels=True)
+    iteration = DinoMixIteration(settings, store, volumes, load_policy(settings, store, volumes), device)
+    if resume is not None:
+        checkpoint = folder.load_checkpoint("latest")
+        iteration.load_state_dicts(checkpoint["networks"])
+        state = TrainState.from_dict(checkpoint["state"])
+        folder.truncate_log(state.step)
+    else:
+        folder.create(settings_to_json(settings), identity)
+        state = TrainState.seeded(settings.seed)
+    eval_ids = [c for c in cases if roles[c] == "eval"]
+    per_epoch = iteration.sampler.iterations_per_epoch()
+    total_steps = settings.epochs * per_epoch
+    stop = min(total_steps, max_steps) if max_steps is not None else total_steps
+    log.info("run %s: %d iterations per epoch, %d epochs, targets %s", folder.path, per_epoch, settings.epochs,
+             "none" if iteration.policy is None else settings.targets)
+    bar = TrainProgress(stop, state.step, enabled=progress)
+    while state.step < stop:
+        start = time.perf_counter()
+        record = iteration.step(state)
+        bar.update(state, record, time.perf_counter() - start)
+        folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
+                    "seconds": round(time.perf_counter() - start, 4), **record})
+        if state.iteration == 0:  # an epoch just ended
+            dice = validate(iteration, volumes, eval_ids) if eval_ids else float("nan")
+            folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice})
+            if dice > state.best_dice:
+                state.best_dice = dice
+                folder.save_checkpoint("best", {"networks": iteration.state_dicts(), "state": state.to_dict()})
+        if state.step % settings.checkpoint_every == 0 or state.step == stop:
+            folder.save_checkpoint("latest", {"networks": iteration.state_dicts(), "state": state.to_dict()})
+    bar.close()
+    folder.plot()
+    return folder.path
+
+
+class TrainProgress:
+    """A rich progress bar over iterations: epoch, step, loss, seconds per step, ETA."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]} · {task.fields[sec]} s/step"), TextColumn("eta"),
+            TimeRemainingColumn(compact=True), console=Console(stderr=True), disable=not enabled)
+        self._progress.start()
+        self._task = self._progress.add_task("", total=total, completed=done, epoch=0, loss="-", sec="-")
+
+    def update(self, state: TrainState, record: dict, seconds: float) -> None:
+        self._progress.update(self._task, completed=state.step, epoch=state.epoch, loss=f"{record['total']:.3f}",
+                              sec=f"{seconds:.2f}")
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def settings_to_json(settings: TrainSettings) -> dict:
+    return json.loads(json.dumps(asdict(settings), default=str))
+
+
+def settings_from_json(data: dict) -> TrainSettings:
+    """The inverse of :func:`settings_to_json` (tuples and paths restored)."""
+    data = dict(data)
+    data["cache"] = Path(data["cache"])
+    data["out"] = Path(data["out"]) if data.get("out") else None
+    data["crop"] = tuple(data["crop"])
+    data["gamma_range"] = tuple(data["gamma_range"])
+    pic = dict(data["pic"])
+    pic["box_fraction"] = tuple(pic["box_fraction"])
+    data["pic"] = PicSettings(**pic)
+    return TrainSettings(**data)

@@ -1,0 +1,192 @@
+"""One DINO-Mix training iteration and the state it needs, resumable bit for bit.
+
+Per iteration (METHOD.md): labeled crops and weak unlabeled crops → the EMA teacher's pseudo-labels
+(main and auxiliary heads) → strong view (random gamma) → PIC mixes a box of a labeled crop into
+each unlabeled crop → one student forward on [labeled, x_mix] →
+``L = L_sup + L_sup^aux + L_distill + λ (L_unsup + L_unsup^aux)`` → SGD step → EMA update.
+
+Every random draw comes from generators held in :class:`TrainState` (numpy for crops, plans and
+PIC; torch for gamma, aux masks and dropout), saved in checkpoints, so K iterations straight and
+K/2 + resume + K/2 give identical weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinomix_cache.errors import UserError
+from dinomix_cache.store import FeatureStore
+from stage2_train.losses import (
+    MaskedSegLoss,
+    SegLoss,
+    class_rates,
+    distillation_loss,
+    labeled_aux_mask,
+    pseudo_labels,
+    unlabeled_aux_mask,
+)
+from stage2_train.networks import DinoMixStudent, EmaTeacher
+from stage2_train.pic import pic_batch
+from stage2_train.sampling import Crop, IterationSampler, VolumeCache, random_crop, random_gamma
+from stage2_train.settings import TrainSettings
+from stage2_train.targets import MixedCrop, TargetPolicy
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (what a checkpoint holds, besides the networks)."""
+
+    epoch: int = 0
+    iteration: int = 0                     # within the epoch
+    step: int = 0                          # over the run
+    plan: list[tuple[list[str], list[str]]] = field(default_factory=list)
+    np_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    torch_gen: torch.Generator = field(default_factory=torch.Generator)
+    best_dice: float = -1.0
+
+    @classmethod
+    def seeded(cls, seed: int) -> TrainState:
+        gen = torch.Generator().manual_seed(seed)
+        return cls(np_rng=np.random.default_rng(seed), torch_gen=gen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "iteration": self.iteration, "step": self.step,
+                "plan": [[list(a), list(b)] for a, b in self.plan], "best_dice": self.best_dice,
+                "np_rng": self.np_rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
+                "torch_global": torch.get_rng_state()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = data["np_rng"]
+        gen = torch.Generator()
+        gen.set_state(data["torch_gen"])
+        torch.set_rng_state(data["torch_global"])
+        plan = [(list(a), list(b)) for a, b in data["plan"]]
+        return cls(epoch=data["epoch"], iteration=data["iteration"], step=data["step"], plan=plan,
+                   np_rng=rng, torch_gen=gen, best_dice=data["best_dice"])
+
+
+def box_of(mask: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The bounding box (z, y, x slices) of a bool (D, H, W) mask, None if empty."""
+    idx = mask.nonzero()
+    if len(idx) == 0:
+        return None
+    lo, hi = idx.min(0).values.tolist(), idx.max(0).values.tolist()
+    return tuple(slice(a, b + 1) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
+
+
+class DinoMixIteration:
+    """Runs iterations of DINO-Mix on a store's cases. Holds the networks, losses and optimiser."""
+
+    def __init__(self, settings: TrainSettings, store: FeatureStore, volumes: VolumeCache,
+                 policy: TargetPolicy | None, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        roles = {cid: store.roles()[cid] for cid in store.complete_cases()}
+        self.labeled = sorted(c for c, r in roles.items() if r == "labeled")
+        # The labeled-only baseline keeps the same epochs (one pass over the unlabeled cases' count)
+        # so that it is compared with DINO-Mix at the same number of steps; it ignores their images.
+        self.unlabeled = sorted(c for c, r in roles.items() if r == "unlabeled")
+        try:
+            self.sampler = IterationSampler(self.labeled, self.unlabeled, settings.n_labeled, settings.n_unlabeled)
+        except ValueError as exc:  # e.g. fewer unlabeled cases than one iteration needs
+            raise UserError(f"{store.path}: {exc}") from None
+        self.volumes = volumes
+        self.policy = policy
+        counts = store.class_voxels()
+        assert counts is not None
+        self.class_voxels = counts
+        self.rates = class_rates(counts)
+        num_classes = len(store.class_names)
+        torch.manual_seed(settings.seed)  # network initialisation
+        self.student = DinoMixStudent(num_classes, int(store.meta["teacher"]["hidden_size"]), width=settings.width,
+                                      projector_hidden=settings.projector_hidden).to(device)
+        self.ema = EmaTeacher(self.student)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                         weight_decay=settings.weight_decay, nesterov=settings.nesterov)
+        self.seg_loss = SegLoss()
+        self.aux_loss = MaskedSegLoss(mode=settings.aux_mode)
+
+    def learning_rate(self, epoch: int) -> float:
+        """Poly decay per epoch: lr · (1 - E/E_max)^0.9."""
+        s = self.settings
+        return s.lr * (1 - min(epoch, s.epochs) / s.epochs) ** s.poly_power
+
+    def _crops(self, ids: list[str], state: TrainState) -> list[Crop]:
+        s = self.settings
+        return [random_crop(cid, self.volumes.shape(cid), s.crop, state.np_rng, flip=s.flip) for cid in ids]
+
+    def _images(self, crops: list[Crop]) -> torch.Tensor:
+        return torch.stack([self.volumes.crop_image(c) for c in crops]).to(self.device)
+
+    def _labels(self, crops: list[Crop]) -> torch.Tensor:
+        return torch.stack([self.volumes.crop_label(c) for c in crops]).to(self.device)
+
+    def step(self, state: TrainState) -> dict[str, float]:
+        """One iteration; advances ``state`` (plan, counters, generators). Returns the loss terms."""
+        s = self.settings
+        if state.iteration == 0 or not state.plan:
+            state.plan = self.sampler.epoch(state.np_rng)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(state.epoch)
+        labeled_ids, unlabeled_ids = state.plan[state.iteration]
+        lab_crops = self._crops(labeled_ids, state)
+        x_l, y_l = self._images(lab_crops), self._labels(lab_crops)
+        self.student.train()
+        terms: dict[str, torch.Tensor] = {}
+        recomputed = 0.0
+        if unlabeled_ids and not s.labeled_only:
+            unl_crops = self._crops(unlabeled_ids, state)
+            x_u = self._images(unl_crops)
+            ema_out = self.ema(x_u)
+            y_u, confident = pseudo_labels(ema_out.logits, s.tau)
+            y_u_aux = ema_out.aux_logits.argmax(1)
+            x_strong = random_gamma(x_u, s.gamma_range, generator=state.torch_gen)
+            x_mix, y_mix, boxes, _ = pic_batch(x_l, y_l, x_strong, y_u, self.class_voxels, state.epoch, s.epochs,
+                                               s.pic, state.np_rng)
+            out = self.student(torch.cat([x_l, x_mix]))
+            n = len(lab_crops)
+            logits_mix, aux_mix = out.logits[n:], out.aux_logits[n:]
+            terms["unsup"] = self.seg_loss(logits_mix, y_mix, weight_mask=boxes | confident)
+            if s.aux:
+                y_mix_aux = torch.where(boxes, y_mix, y_u_aux)
+                keep = unlabeled_aux_mask(y_mix_aux, self.rates, state.epoch, s.epochs, state.torch_gen)
+                terms["unsup_aux"] = self.aux_loss(aux_mix, y_mix_aux, keep)
+            if s.fkd and self.policy is not None:
+                items = [MixedCrop(unl_crops[i], lab_crops[i % n], box_of(boxes[i])) for i in range(len(unl_crops))]
+                target, recomputed = self.policy.targets(items)
+                terms["distill"] = distillation_loss(out.projected[n:], target.to(self.device))
+        else:
+            out = self.student(x_l)
+            n = len(lab_crops)
+        terms["sup"] = self.seg_loss(out.logits[:n], y_l)
+        if s.aux:
+            keep = labeled_aux_mask(y_l, self.rates, state.torch_gen)
+            terms["sup_aux"] = self.aux_loss(out.aux_logits[:n], y_l, keep)
+        unsup = sum((terms[k] for k in ("unsup", "unsup_aux") if k in terms), torch.zeros((), device=self.device))
+        total = terms["sup"] + terms.get("sup_aux", 0.0) + terms.get("distill", 0.0) + s.lambda_unsup * unsup
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.ema.update(self.student, s.ema_decay)
+        state.step += 1
+        state.iteration += 1
+        if state.iteration >= len(state.plan):
+            state.iteration, state.epoch = 0, state.epoch + 1
+        logged = {k: float(v.detach()) for k, v in terms.items()}
+        logged.update(total=float(total.detach()), lr=self.optimizer.param_groups[0]["lr"], recomputed=recomputed)
+        return logged
+
+    def state_dicts(self) -> dict[str, Any]:
+        return {"student": self.student.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dicts(self, data: dict[str, Any]) -> None:
+        self.student.load_state_dict(data["student"])
+        self.ema.load_state_dict(data["ema"])
+        self.optimizer.load_state_dict(data["optimizer"])
