@@ -56,6 +56,7 @@ __all__ = [
     "MixedCrop",
     "OnlineTargets",
     "TargetPolicy",
+    "TargetsError",
     "cache_window",
     "cosine_fidelity",
     "make_policy",
