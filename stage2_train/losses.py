@@ -176,30 +176,11 @@ class SegLoss(nn.Module):
         super().__init__()
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
-        self.dice_ce = DiceCELoss(
-            include_background=include_background,
-            to_onehot_y=True,
-            softmax=True,
-            squared_pred=False,
-            jaccard=False,
-            reduction="mean",
-            smooth_nr=smooth,
-            smooth_dr=smooth,
-            batch=True,
-            lambda_dice=lambda_dice,
-            lambda_ce=lambda_ce,
-        )
-        self.masked_dice = MaskedDiceLoss(
-            include_background=include_background,
-            to_onehot_y=False,
-            softmax=True,
-            squared_pred=False,
-            jaccard=False,
-            reduction="mean",
-            smooth_nr=smooth,
-            smooth_dr=smooth,
-            batch=True,
-        )
+        # The same soft Dice for both paths: the peers' (2tp + 1) / (2tp + fp + fn + 1), batch Dice.
+        dice = dict(include_background=include_background, softmax=True, squared_pred=False, jaccard=False,
+                    reduction="mean", smooth_nr=smooth, smooth_dr=smooth, batch=True)
+        self.dice_ce = DiceCELoss(to_onehot_y=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, **dice)
+        self.masked_dice = MaskedDiceLoss(to_onehot_y=False, **dice)
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, weight_mask: torch.Tensor | None = None
