@@ -1,9 +1,9 @@
 """The extraction runner: every axial slice of every case through the frozen teacher, into the store.
 
 Three things overlap so the teacher is the bottleneck: worker threads read and preprocess the
-next cases (nibabel decompression and MONAI resizing release the GIL), the main thread runs the
-teacher on batches of slices that span case boundaries, and one writer thread compresses and
-writes finished cases. A case is marked complete only after all its arrays are written, so a
+next cases (ISA-L inflation and MONAI resizing release the GIL), the teacher runs on batches of
+slices that span case boundaries (one stream per core on a CPU, see :mod:`stage1_extract.streams`),
+and one writer thread compresses and writes finished cases. A case is marked complete only after all its arrays are written, so a
 crash or a kill at any moment loses at most the cases in flight, and a rerun resumes.
 """
 
@@ -152,7 +152,6 @@ class _CaseInFlight:
     case: PreprocessedCase
     source: CaseSource
     features: np.ndarray
-    filled: int = 0
 
 
 def _batches(
@@ -251,8 +250,8 @@ def extract_cases(
     slices = 0
     start = time.perf_counter()
     writes: deque[Future[str]] = deque()
-    # Readers run torch single-threaded (the setting is per thread): the teacher keeps every core's
-    # OpenMP team, and the readers' small ops do not oversubscribe the cores it spins on.
+    # Readers run torch single-threaded (the setting is per thread), so their small ops do not
+    # oversubscribe the cores the teacher streams run on.
     with ThreadPoolExecutor(settings.workers, thread_name_prefix="read", initializer=torch.set_num_threads,
                             initargs=(1,)) as readers, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
@@ -267,7 +266,6 @@ def extract_cases(
                 for state, a, b in parts:
                     state.features[a:b] = feats[offset:offset + b - a]
                     offset += b - a
-                    state.filled += b - a
                 slices += len(feats)
                 if progress:
                     progress.advance_slices(len(feats))
