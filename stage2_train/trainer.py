@@ -61,6 +61,8 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Rebuild the state of :meth:`to_dict`, and restore torch's global generator (dropout draws
+        from it) to where the checkpoint left it."""
         rng = np.random.default_rng()
         rng.bit_generator.state = data["np_rng"]
         gen = torch.Generator()
