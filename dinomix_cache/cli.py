@@ -348,6 +348,35 @@ def bench_extract_cmd(
             out.print(f"{key}: {value}", highlight=False)
 
 
+@bench_app.command("targets")
+@user_errors
+def bench_targets_cmd(
+    cache: Path = typer.Option(..., "--cache", help="The feature store (its teacher must be loadable)."),
+    preset: str = typer.Option("cpu-small", "--preset", help="Training settings: cpu-small or paper."),
+    steps: int = typer.Option(5, "--steps", help="Timed iterations per policy (after one warm-up)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for every policy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+) -> None:
+    """Step time of no distillation and of each target policy; cosine of each policy's targets to
+    online's on the same batches (student cells), and the fraction of slices recomputed."""
+    _setup_logging()
+    from dataclasses import replace
+
+    from stage2_train.bench import bench_targets
+    from stage2_train.settings import preset as make_preset
+
+    try:
+        settings = replace(make_preset(preset, cache), seed=seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = bench_targets(settings, steps=steps)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for mode, entry in result.items():
+            out.print(f"{mode:<8}" + "  ".join(f"{k} {v}" for k, v in entry.items()), highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

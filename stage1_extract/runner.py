@@ -2,9 +2,10 @@
 
 Three things overlap so the teacher is the bottleneck: worker threads read and preprocess the
 next cases (ISA-L inflation and MONAI resizing release the GIL), the teacher runs on batches of
-slices that span case boundaries (one stream per core on a CPU, see :mod:`stage1_extract.streams`),
-and one writer thread compresses and writes finished cases. A case is marked complete only after all its arrays are written, so a
-crash or a kill at any moment loses at most the cases in flight, and a rerun resumes.
+slices that span case boundaries (one stream per core on a CPU: :mod:`stage1_extract.streams`),
+and one writer thread compresses and writes finished cases. A case is marked complete only after
+all its arrays are written, so a crash or a kill at any moment loses at most the cases in flight,
+and a rerun resumes.
 """
 
 from __future__ import annotations

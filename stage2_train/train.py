@@ -13,7 +13,7 @@ import torch
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store import FeatureStore
-from dinomix_cache.teacher import TeacherSettings, load_teacher
+from dinomix_cache.teacher import Teacher, TeacherSettings, load_teacher
 from stage2_train.pic import PicSettings
 from stage2_train.run_folder import RunFolder, store_identity
 from stage2_train.sampling import VolumeCache, center_crop
@@ -50,27 +50,31 @@ def open_training_store(settings: TrainSettings) -> FeatureStore:
     return store
 
 
-def load_policy(settings: TrainSettings, store: FeatureStore, volumes: VolumeCache) -> TargetPolicy | None:
-    """The distillation target policy; ``online``/``hybrid`` load the teacher the store records.
+def load_store_teacher(store: FeatureStore, targets: str) -> Teacher:
+    """Load the teacher a store records (same source, revision, dtype) and check it is the same one.
 
     Raises:
-        UserError: the teacher cannot be loaded, or is not the one the store was made with.
+        UserError: it cannot be loaded, or its weights differ from the store's.
     """
+    recorded = store.meta["teacher"]
+    try:
+        teacher = load_teacher(TeacherSettings(source=recorded["source"], revision=recorded.get("revision"),
+                                               dtype=recorded["dtype"]))
+    except UserError as exc:
+        raise UserError(f"--targets {targets} needs the store's teacher: {exc} "
+                        "(or train with --targets cache, which needs no teacher)") from None
+    identity = teacher.identity(tuple(recorded["input_size"]))
+    if identity.get("weights_sha256") != recorded.get("weights_sha256"):
+        raise UserError(f"the teacher at {recorded['source']} is not the one {store.path} was made with "
+                        "(weights differ); use --targets cache")
+    return teacher
+
+
+def load_policy(settings: TrainSettings, store: FeatureStore, volumes: VolumeCache) -> TargetPolicy | None:
+    """The distillation target policy; ``online``/``hybrid`` load the teacher the store records."""
     if not settings.fkd or settings.labeled_only:
         return None
-    teacher = None
-    if settings.targets in ("online", "hybrid"):
-        recorded = store.meta["teacher"]
-        try:
-            teacher = load_teacher(TeacherSettings(source=recorded["source"], revision=recorded.get("revision"),
-                                                   dtype=recorded["dtype"]))
-        except UserError as exc:
-            raise UserError(f"--targets {settings.targets} needs the store's teacher: {exc} "
-                            "(or train with --targets cache, which needs no teacher)") from None
-        identity = teacher.identity(tuple(recorded["input_size"]))
-        if identity.get("weights_sha256") != recorded.get("weights_sha256"):
-            raise UserError(f"the teacher at {recorded['source']} is not the one {store.path} was made with "
-                            "(weights differ); use --targets cache")
+    teacher = load_store_teacher(store, settings.targets) if settings.targets in ("online", "hybrid") else None
     return make_policy(settings.targets, store, volumes, teacher)
 
 
