@@ -36,6 +36,9 @@ class TrainSettings:
         seed: seeds every random draw.
         checkpoint_every: iterations between atomic ``latest`` checkpoints.
         projector_hidden: hidden channels of the projector (None = one 1x1x1 conv).
+        dropout: the VNet's Dropout3d(0.5) on x5 and the last decoder feature (DHC). Off in
+            ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a batch of
+            two crops then stayed at 6 % Dice after 150 steps (22 % after 100 without it).
     """
 
     cache: Path
@@ -64,6 +67,7 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 50
     projector_hidden: int | None = None
+    dropout: bool = True
 
     def resolved(self) -> TrainSettings:
         """A copy with the run folder filled in."""
@@ -76,9 +80,9 @@ class TrainSettings:
 
 def preset(name: str, cache: Path) -> TrainSettings:
     """The named preset: ``paper`` (the paper's settings) or ``cpu-small`` (width 4, 32x64x64 crops,
-    8 epochs of 8 iterations: about 4 minutes on 2 CPU cores, for demos; not for accuracy)."""
+    no dropout, 30 epochs of 8 iterations: 1.5-3 minutes on 2 CPU cores, for demos; not for accuracy)."""
     if name == "paper":
         return TrainSettings(cache=cache)
     if name == "cpu-small":
-        return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=8, checkpoint_every=16)
+        return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=30, checkpoint_every=40, dropout=False)
     raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")

@@ -107,7 +107,7 @@ class DinoMixIteration:
         num_classes = len(store.class_names)
         torch.manual_seed(settings.seed)  # network initialisation
         self.student = DinoMixStudent(num_classes, int(store.meta["teacher"]["hidden_size"]), width=settings.width,
-                                      projector_hidden=settings.projector_hidden).to(device)
+                                      projector_hidden=settings.projector_hidden, dropout=settings.dropout).to(device)
         self.ema = EmaTeacher(self.student)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=settings.lr, momentum=settings.momentum,
                                          weight_decay=settings.weight_decay, nesterov=settings.nesterov)
