@@ -98,14 +98,22 @@ PhantomCasesOpt = typer.Option(None, "--phantom-cases", help="Phantom: number of
 PhantomMatrixOpt = typer.Option(512, "--phantom-matrix", help="Phantom: in-plane voxels per side.")
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """The options that were given (not None), so the settings dataclasses keep their own defaults."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def build_extract_settings(
-    dataset: str, data: Path | None, out_path: Path | None, teacher: str, revision: str | None,
-    input_size: str | None, dtype: str, device: str, labeled: str | None, split_dir: Path | None,
-    split_seed: int, target_shape: str, batch_size: int, workers: int, cases: list[str] | None,
-    overwrite: bool, volumes: bool, compression: str, keepbits: int, chunk_slices: int,
-    phantom_cases: int | None, phantom_matrix: int, progress: bool,
+    *, dataset: str, teacher: str, target_shape: str, data: Path | None = None, out_path: Path | None = None,
+    revision: str | None = None, input_size: str | None = None, dtype: str | None = None,
+    device: str | None = None, labeled: str | None = None, split_dir: Path | None = None,
+    split_seed: int | None = None, batch_size: int | None = None, workers: int | None = None,
+    cases: list[str] | None = None, overwrite: bool = False, volumes: bool | None = None,
+    compression: str | None = None, keepbits: int | None = None, chunk_slices: int | None = None,
+    phantom_cases: int | None = None, phantom_matrix: int | None = None, progress: bool = True,
 ) -> Any:
-    """Map CLI options onto :class:`~stage1_extract.settings.ExtractSettings`."""
+    """Map CLI options onto :class:`~stage1_extract.settings.ExtractSettings`; options left None
+    take the dataclasses' defaults."""
     from dinomix_cache.classes import SYNAPSE_CASE_IDS
     from dinomix_cache.datasets import SplitSettings
     from dinomix_cache.phantom import PhantomSettings
@@ -117,14 +125,15 @@ def build_extract_settings(
     phantom_ids = SYNAPSE_CASE_IDS if phantom_cases is None else tuple(f"{i:04d}" for i in range(1, phantom_cases + 1))
     return ExtractSettings(
         dataset=dataset, data=data, out=out_path,
-        split=SplitSettings(labeled=labeled, split_dir=split_dir, seed=split_seed),
+        split=SplitSettings(**_given(labeled=labeled, split_dir=split_dir, seed=split_seed)),
         preprocess=PreprocessSettings(target_shape=parse_shape(target_shape, 3, "--target-shape")),
-        teacher=TeacherSettings(source=teacher, revision=revision, dtype=dtype, device=device,
+        teacher=TeacherSettings(source=teacher, **_given(revision=revision, dtype=dtype, device=device),
                                 input_size=parse_shape(input_size, 2, "--input-size") if input_size else None),
-        storage=StoreSettings(compression=compression, keepbits=keepbits, chunk_slices=chunk_slices, volumes=volumes),
-        phantom=PhantomSettings(case_ids=phantom_ids, matrix=phantom_matrix),
-        batch_size=batch_size, workers=workers, cases=tuple(cases) if cases else None,
-        overwrite=overwrite, progress=progress,
+        storage=StoreSettings(**_given(compression=compression, keepbits=keepbits, chunk_slices=chunk_slices,
+                                       volumes=volumes)),
+        phantom=PhantomSettings(case_ids=phantom_ids, **_given(matrix=phantom_matrix)),
+        cases=tuple(cases) if cases else None, overwrite=overwrite, progress=progress,
+        **_given(batch_size=batch_size, workers=workers),
     )
 
 
@@ -170,9 +179,11 @@ def extract(
     from stage1_extract.runner import run_extraction
 
     settings = build_extract_settings(
-        dataset, data, out_path, teacher, revision, input_size, dtype, device, labeled, split_dir, split_seed,
-        target_shape, batch_size, workers, cases, overwrite, volumes, compression, keepbits, chunk_slices,
-        phantom_cases, phantom_matrix, progress)
+        dataset=dataset, data=data, out_path=out_path, teacher=teacher, revision=revision, input_size=input_size,
+        dtype=dtype, device=device, labeled=labeled, split_dir=split_dir, split_seed=split_seed,
+        target_shape=target_shape, batch_size=batch_size, workers=workers, cases=cases, overwrite=overwrite,
+        volumes=volumes, compression=compression, keepbits=keepbits, chunk_slices=chunk_slices,
+        phantom_cases=phantom_cases, phantom_matrix=phantom_matrix, progress=progress)
     report = run_extraction(settings)
     state = "complete" if report.complete else "incomplete (some cases not extracted yet)"
     rate = f", {report.slices_per_s:.1f} slices/s" if report.slices else ""
@@ -338,8 +349,9 @@ def bench_extract_cmd(
     from stage1_extract.bench import bench_extract
 
     settings = build_extract_settings(
-        dataset, data, None, teacher, None, input_size, dtype, device, None, None, 0, target_shape, batch_size,
-        workers, None, False, True, "lossless", 7, 16, phantom_cases, phantom_matrix, not as_json)
+        dataset=dataset, data=data, teacher=teacher, input_size=input_size, dtype=dtype, device=device,
+        target_shape=target_shape, batch_size=batch_size, workers=workers, phantom_cases=phantom_cases,
+        phantom_matrix=phantom_matrix, progress=not as_json)
     result = bench_extract(settings, max_cases=max_cases, repeats=repeats)
     if as_json:
         print(json.dumps(result))
