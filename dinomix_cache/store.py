@@ -182,6 +182,7 @@ class FeatureStore:
         self.group = group
         self.path = path
         self._meta = meta
+        self._complete: set[str] = set()
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
@@ -266,8 +267,15 @@ class FeatureStore:
         return attrs if isinstance(attrs, dict) else None
 
     def is_complete(self, case_id: str) -> bool:
+        if case_id in self._complete:
+            return True
         attrs = self.case_attrs(case_id)
-        return bool(attrs and attrs.get("complete") is True)
+        if attrs and attrs.get("complete") is True:
+            # A complete case never becomes incomplete in an open store (rebuilding makes a new
+            # store), so reads in training loops do not re-read its metadata every time.
+            self._complete.add(case_id)
+            return True
+        return False
 
     def complete_cases(self) -> list[str]:
         """Ids of the dataset's cases that are complete, in dataset order."""

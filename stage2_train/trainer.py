@@ -89,7 +89,8 @@ class DinoMixIteration:
                  policy: TargetPolicy | None, device: torch.device) -> None:
         self.settings = settings
         self.device = device
-        roles = {cid: store.roles()[cid] for cid in store.complete_cases()}
+        all_roles = store.roles()
+        roles = {cid: all_roles[cid] for cid in store.complete_cases()}
         self.labeled = sorted(c for c, r in roles.items() if r == "labeled")
         # The labeled-only baseline keeps the same epochs (one pass over the unlabeled cases' count)
         # so that it is compared with DINO-Mix at the same number of steps; it ignores their images.
