@@ -198,6 +198,8 @@ def train(
     cache: Path | None = typer.Option(None, "--cache", help="The feature store to train from (on --resume: only "
                                       "if it moved; it must be the same store)."),
     out_path: Path | None = typer.Option(None, "--out", help="Run folder. Default runs/<store>-<targets>-seed<seed>."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder, only for a store made with --no-volumes "
+                                     "(volumes are rebuilt from the recorded source files)."),
     preset: str = typer.Option("paper", "--preset", help="paper (the paper's settings) or cpu-small (width 4, "
                                "32x64x64 crops, no dropout, 30 epochs: 1.5-3 minutes on 2 CPU cores, for demos)."),
     targets: str = typer.Option("hybrid", "--targets", help="Distillation targets: hybrid (cache, teacher only for "
@@ -209,6 +211,8 @@ def train(
     width: int | None = typer.Option(None, "--width", help="VNet base width (preset: 32 paper, 4 cpu-small)."),
     crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (multiples of 16)."),
     tau: float | None = typer.Option(None, "--tau", help="Pseudo-label confidence threshold (default 0.95)."),
+    crop_grid: str = typer.Option("token", "--crop-grid", help="In-plane crop offsets: token (on the store's "
+                                  "token grid, so cached targets match the teacher's) or voxel (any offset)."),
     no_fkd: bool = typer.Option(False, "--no-fkd", help="Ablation: no foundation-feature distillation."),
     no_pic: bool = typer.Option(False, "--no-pic", help="Ablation: no PIC mixing (unlabeled crops stay as they are)."),
     no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no auxiliary balanced head losses."),
@@ -239,8 +243,9 @@ def train(
         raise UserError(str(exc)) from None
     pic = replace(settings.pic, enabled=not no_pic, **({"eta": pic_eta} if pic_eta is not None else {}),
                   **({"gamma": pic_gamma} if pic_gamma is not None else {}))
-    changes: dict = {"out": out_path, "targets": targets, "seed": seed, "fkd": not no_fkd, "aux": not no_aux,
-                     "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode, "pic": pic}
+    changes: dict = {"out": out_path, "data": data, "targets": targets, "seed": seed, "fkd": not no_fkd,
+                     "aux": not no_aux, "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode,
+                     "pic": pic, "crop_grid": crop_grid}
     for key, value in (("epochs", epochs), ("width", width), ("tau", tau)):
         if value is not None:
             changes[key] = value
@@ -248,6 +253,8 @@ def train(
         changes["crop"] = parse_shape(crop, 3, "--crop")
     if targets not in ("online", "cache", "hybrid"):
         raise UserError(f"--targets {targets}: choose online, cache or hybrid")
+    if crop_grid not in ("token", "voxel"):
+        raise UserError(f"--crop-grid {crop_grid}: choose token or voxel")
     run = run_training(replace(settings, **changes), max_steps=max_steps, progress=progress)
     err.print(f"run {run}: progress.png, log.jsonl, latest.pt and best.pt", highlight=False, soft_wrap=True)
 
@@ -367,6 +374,7 @@ def bench_targets_cmd(
     preset: str = typer.Option("cpu-small", "--preset", help="Training settings: cpu-small or paper."),
     steps: int = typer.Option(5, "--steps", help="Timed iterations per policy (after one warm-up)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for every policy)."),
+    crop_grid: str = typer.Option("token", "--crop-grid", help="In-plane crop offsets: token or voxel (see train)."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
 ) -> None:
     """Step time of no distillation and of each target policy; cosine of each policy's targets to
@@ -378,7 +386,7 @@ def bench_targets_cmd(
     from stage2_train.settings import preset as make_preset
 
     try:
-        settings = replace(make_preset(preset, cache), seed=seed)
+        settings = replace(make_preset(preset, cache), seed=seed, crop_grid=crop_grid)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     result = bench_targets(settings, steps=steps)

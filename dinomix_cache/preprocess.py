@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -99,6 +99,16 @@ class PreprocessSettings:
                             f"{', '.join(_LABEL_MODES)}")
         if self.image_dtype not in ("float16", "float32"):
             raise UserError(f"image dtype {self.image_dtype!r}: choose float16 or float32")
+
+    @classmethod
+    def from_json(cls, data: dict) -> PreprocessSettings:
+        """The settings a store recorded (:meth:`to_json`; the fixed choices it adds are ignored)."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key in ("target_shape", "hu_window"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
 
     def to_json(self) -> dict:
         """Return the settings as a JSON-able dict (plus the fixed choices they imply)."""

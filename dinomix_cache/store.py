@@ -183,6 +183,9 @@ class FeatureStore:
         self.path = path
         self._meta = meta
         self._complete: set[str] = set()
+        # Opening an array re-reads its metadata (about 2 ms); complete cases never change, so the
+        # training hot path keeps their handles.
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
@@ -344,12 +347,19 @@ class FeatureStore:
 
     def read_features(self, case_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Features of slices ``start:stop`` of a complete case, (stop-start, h, w, C) float16."""
-        self._require_complete(case_id)
-        return self.group["features"][case_id][start:stop]
+        return self._complete_array(case_id, "features")[start:stop]
 
     def feature_shape(self, case_id: str) -> tuple[int, ...]:
-        self._require_complete(case_id)
-        return tuple(self.group["features"][case_id].shape)
+        return tuple(self._complete_array(case_id, "features").shape)
+
+    def _complete_array(self, case_id: str, name: str) -> zarr.Array:
+        """The features (``name="features"``) or a volume array of a complete case, opened once."""
+        array = self._arrays.get((case_id, name))
+        if array is None:
+            self._require_complete(case_id)
+            node = self.group["features"][case_id] if name == "features" else self.group["volumes"][case_id][name]
+            array = self._arrays[(case_id, name)] = node  # type: ignore[assignment]
+        return array
 
     def has_volume(self, case_id: str, name: str = "image") -> bool:
         try:
@@ -365,9 +375,9 @@ class FeatureStore:
                 ``--no-volumes``: pass ``--data`` to read the sources instead).
         """
         self._require_complete(case_id)
-        if not self.has_volume(case_id, name):
+        if (case_id, name) not in self._arrays and not self.has_volume(case_id, name):
             raise UserError(f"{self.path} holds no {name} volume for case {case_id} (made with --no-volumes?)")
-        return self.group["volumes"][case_id][name][start:stop]
+        return self._complete_array(case_id, name)[start:stop]
 
     # ----------------------------------------------------------------------------- statistics
     def write_class_voxels(self, counts: np.ndarray) -> None:

@@ -46,7 +46,7 @@ def bench_targets(settings: TrainSettings, steps: int = 5, warmup: int = 1) -> d
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = open_training_store(settings)
-    volumes = VolumeCache(store, store.complete_cases(), with_labels=True)
+    volumes = VolumeCache(store, store.complete_cases(), with_labels=True, data=settings.data)
     teacher = load_store_teacher(store, "online")
     reference = make_policy("online", store, volumes, teacher)
     result: dict[str, dict[str, float]] = {}

@@ -4,7 +4,7 @@ Layout::
 
     runs/NAME/
       settings.json        the fully resolved TrainSettings
-      store.json           the store's path and the sha256 of its attributes (its identity)
+      store.json           the store's path, the sha256 of its attributes (its identity) and the attributes
       log.jsonl            one line per iteration (every loss term, lr, recompute fraction)
                            and one per epoch (validation Dice)
       latest.pt            written atomically every N iterations and at the end
@@ -28,10 +28,13 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.store import FeatureStore
 
 
-def store_identity(store: FeatureStore) -> dict[str, str]:
-    """``{"path", "attrs_sha256"}``: the store's attributes hashed as canonical JSON."""
+def store_identity(store: FeatureStore) -> dict[str, Any]:
+    """``{"path", "attrs_sha256", "meta"}``: the store's attributes hashed as canonical JSON, and the
+    attributes themselves (teacher, preprocessing, classes, split), so that evaluation and prediction
+    still know how the run's data was made when the store has moved or is gone."""
     canonical = json.dumps(store.meta, sort_keys=True, separators=(",", ":"), default=str)
-    return {"path": str(store.path), "attrs_sha256": hashlib.sha256(canonical.encode()).hexdigest()}
+    return {"path": str(store.path), "attrs_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+            "meta": json.loads(canonical)}
 
 
 class RunFolder:
@@ -40,7 +43,7 @@ class RunFolder:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def create(self, settings_json: dict[str, Any], identity: dict[str, str]) -> None:
+    def create(self, settings_json: dict[str, Any], identity: dict[str, Any]) -> None:
         """Start a new run. Raises UserError if the folder already holds a run (use --resume)."""
         if (self.path / "settings.json").exists():
             raise UserError(f"{self.path} already holds a run; resume it with --resume {self.path} or choose --out")
@@ -51,7 +54,7 @@ class RunFolder:
     def settings(self) -> dict[str, Any]:
         return self._read_json("settings.json")
 
-    def identity(self) -> dict[str, str]:
+    def identity(self) -> dict[str, Any]:
         return self._read_json("store.json")
 
     def _read_json(self, name: str) -> dict[str, Any]:

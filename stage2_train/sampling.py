@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dinomix_cache.errors import UserError
+from dinomix_cache.preprocess import PreprocessSettings
+from dinomix_cache.source_volumes import load_source_case, recorded_case_source
 from dinomix_cache.store import FeatureStore
 
 __all__ = [
@@ -99,12 +102,17 @@ def random_crop(
     rng: np.random.Generator,
     flip: bool = False,
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
+    grid: Sequence[float] = (1, 1, 1),
 ) -> Crop:
     """A crop at a uniformly random valid position (DHC's RandomCrop), optionally with random flips.
 
-    Every offset ``0 <= o <= V - S`` is equally likely on each axis, independently (any in-plane
-    offset, not only multiples of 16). Draws, in order: the z, y, x offsets, then one uniform number
-    per axis of ``flip_axes`` if ``flip`` (nothing else, so the draw count is fixed per call).
+    On each axis the offset is ``round(k * g)`` with ``k`` uniform over every integer that keeps the
+    crop inside (``k * g <= V - S``), independently per axis. With ``grid=(1, 1, 1)`` that is every
+    offset ``0 <= o <= V - S`` (DHC). ``grid=(1, 16, 16)`` puts the in-plane offsets on a 16-pixel
+    token grid, so that each patch token of the crop is a token of the full slice (the ``token``
+    crop grid of :class:`~stage2_train.settings.TrainSettings`). Draws, in order: the z, y, x
+    offsets, then one uniform number per axis of ``flip_axes`` if ``flip`` (nothing else, so the
+    draw count is fixed per call).
 
     Args:
         case_id: the case.
@@ -113,6 +121,8 @@ def random_crop(
         rng: the only source of randomness.
         flip: flip each axis of ``flip_axes`` with probability 0.5 (off by default, ``METHOD.md``).
         flip_axes: axes that may be flipped; DHC's in-plane axes ``(1, 2)`` by default.
+        grid: (z, y, x) spacing of the allowed offsets in voxels (may be fractional, e.g. 160/14),
+            each ``>= 1``.
 
     Returns:
         The :class:`Crop`.
@@ -124,7 +134,11 @@ def random_crop(
     volume_shape = _shape3(volume_shape, "volume shape")
     size = _shape3(size, "crop size")
     _check_fits(volume_shape, size)
-    offset = tuple(int(rng.integers(0, v - s + 1)) for v, s in zip(volume_shape, size, strict=True))
+    steps = tuple(float(g) for g in grid)
+    if len(steps) != 3 or any(not g >= 1 for g in steps):
+        raise ValueError(f"grid must be three spacings >= 1 (z, y, x), got {tuple(grid)!r}")
+    offset = tuple(int(round(int(rng.integers(0, int((v - s) // g + 1e-9) + 1)) * g))
+                   for v, s, g in zip(volume_shape, size, steps, strict=True))
     flips = [False, False, False]
     if flip:
         axes = tuple(int(a) for a in flip_axes)
@@ -161,10 +175,14 @@ class VolumeCache:
         case_ids: the cases to load (duplicates are loaded once).
         with_labels: also load the label of every case that has one. Cases without a label
             (unlabeled ones) are fine; :meth:`crop_label` on them raises ValueError.
+        data: the dataset folder, for a store made with ``--no-volumes``: each case is then
+            preprocessed from its source files with the store's settings (sha256 checked against
+            the store's record; about 1-2 s a case).
 
     Raises:
-        UserError: a case is incomplete, the store holds no volumes (made with ``--no-volumes``),
-            or a label's shape differs from its image's (a damaged store).
+        UserError: a case is incomplete, the store holds no volumes (made with ``--no-volumes``)
+            and no ``data`` is given, a source file is missing or differs from the recorded one, or
+            a label's shape differs from its image's (a damaged store).
 
     Example::
 
@@ -174,22 +192,43 @@ class VolumeCache:
         label = cache.crop_label(crop)   # (64, 128, 128) int64
     """
 
-    def __init__(self, store: FeatureStore, case_ids: Sequence[str], with_labels: bool) -> None:
+    def __init__(self, store: FeatureStore, case_ids: Sequence[str], with_labels: bool,
+                 data: Path | None = None) -> None:
         self._images: dict[str, np.ndarray] = {}
         self._labels: dict[str, np.ndarray] = {}
+        from_sources = not store.storage.volumes
+        if from_sources and data is None:
+            raise UserError(f"{store.path} holds no volumes (made with --no-volumes): pass --data DIR, the "
+                            "dataset folder it was extracted from, to rebuild them")
         for case_id in dict.fromkeys(case_ids):
-            image = np.asarray(store.read_volume(case_id, "image"))
+            if from_sources:
+                image, label = self._from_sources(store, case_id, with_labels, data)  # type: ignore[arg-type]
+            else:
+                image = np.asarray(store.read_volume(case_id, "image"))
+                has = with_labels and store.has_volume(case_id, "label")
+                label = np.asarray(store.read_volume(case_id, "label")) if has else None
             if image.ndim != 3:
                 raise UserError(f"{store.path}: image of case {case_id} has shape {image.shape}, expected (D, H, W)")
             self._images[case_id] = image
-            if with_labels and store.has_volume(case_id, "label"):
-                label = np.asarray(store.read_volume(case_id, "label"))
+            if label is not None:
                 if label.shape != image.shape:
                     raise UserError(
                         f"{store.path}: label of case {case_id} has shape {label.shape} but its image "
                         f"{image.shape}; the store is damaged: rebuild it with extract --overwrite"
                     )
                 self._labels[case_id] = label
+
+    @staticmethod
+    def _from_sources(store: FeatureStore, case_id: str, with_labels: bool,
+                      data: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        """The case preprocessed from its source files under ``data`` (hashes checked)."""
+        if not store.is_complete(case_id):
+            raise UserError(f"case {case_id} is not complete in {store.path}; rerun extract to finish it")
+        source = (store.case_attrs(case_id) or {}).get("source") or {}
+        case = recorded_case_source(case_id, store.roles().get(case_id, "unlabeled"), source, data)
+        loaded = load_source_case(case, PreprocessSettings.from_json(store.meta["preprocessing"]),
+                                  len(store.class_names), expected=source, with_label=with_labels)
+        return loaded.image, loaded.label
 
     @property
     def case_ids(self) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from stage2_train.pic import PicSettings
 
 PRESETS = ("paper", "cpu-small")
+CROP_GRIDS = ("token", "voxel")
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class TrainSettings:
 
     Attributes:
         cache: the feature store.
+        data: the dataset folder, only for a store made with ``--no-volumes`` (its cases are then
+            preprocessed from the source files, which must be the recorded ones).
         out: the run folder (default ``runs/<store name>-<targets>-seed<seed>``).
         width: VNet base width (32 in the paper; 4-8 for CPU demos).
         crop: (D, H, W) training crop in voxels, each a multiple of 16.
@@ -36,6 +39,12 @@ class TrainSettings:
         seed: seeds every random draw.
         checkpoint_every: iterations between atomic ``latest`` checkpoints.
         projector_hidden: hidden channels of the projector (None = one 1x1x1 conv).
+        crop_grid: where training crops may start in-plane. ``token`` (default): on the store's token
+            grid (every 16 pixels when the teacher saw the slices at their own size), so an unmixed
+            crop's tokens are the stored tokens and ``hybrid`` targets match ``online`` ones;
+            ``voxel``: any offset (DHC's RandomCrop), more translation augmentation, but the cached
+            tokens straddle the student's cells (``hybrid`` cosine 0.83 instead of 1.0 with a random
+            ViT-S/16). The z offset is free either way (features are per slice).
         dropout: the VNet's Dropout3d(0.5) on x5 and the last decoder feature (DHC). Off in
             ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a batch of
             two crops then stayed at 6 % Dice after 150 steps (22 % after 100 without it).
@@ -43,6 +52,7 @@ class TrainSettings:
 
     cache: Path
     out: Path | None = None
+    data: Path | None = None
     width: int = 32
     crop: tuple[int, int, int] = (64, 128, 128)
     n_labeled: int = 2
@@ -68,6 +78,11 @@ class TrainSettings:
     checkpoint_every: int = 50
     projector_hidden: int | None = None
     dropout: bool = True
+    crop_grid: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.crop_grid not in CROP_GRIDS:
+            raise ValueError(f"unknown crop grid {self.crop_grid!r}: use one of {', '.join(CROP_GRIDS)}")
 
     def resolved(self) -> TrainSettings:
         """A copy with the run folder filled in."""

@@ -61,6 +61,7 @@ __all__ = [
     "cosine_fidelity",
     "make_policy",
     "measure_fidelity",
+    "token_pixels",
 ]
 
 log = logging.getLogger("dinomix_cache.train")
@@ -215,6 +216,22 @@ def cache_window(
     return _apply(wy, wx, feats)
 
 
+def _token_geometry(store: FeatureStore) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(slice (H, W), teacher input (H, W), token grid (h, w)) of the store's features."""
+    meta = store.meta["teacher"]
+    patch = int(meta["patch_size"])
+    slice_hw = tuple(int(v) for v in store.meta["preprocessing"]["target_shape"][1:])
+    input_hw = tuple(int(v) for v in meta.get("input_size") or slice_hw)
+    return slice_hw, input_hw, (input_hw[0] // patch, input_hw[1] // patch)  # type: ignore[return-value]
+
+
+def token_pixels(store: FeatureStore) -> tuple[float, float]:
+    """Slice pixels per stored token along (y, x): 16.0 when the teacher input is the slice size
+    (patch 16), ``160 / 14`` for 160-pixel slices seen at 224 by a patch-16 teacher."""
+    slice_hw, _, grid_hw = _token_geometry(store)
+    return slice_hw[0] / grid_hw[0], slice_hw[1] / grid_hw[1]
+
+
 def cosine_fidelity(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine similarity over cells (channels on axis 1) of two (B, C, z, y, x) target tensors."""
     if a.shape != b.shape:
@@ -259,10 +276,8 @@ class TargetPolicy(ABC):
         meta = store.meta["teacher"]
         self.hidden_size = int(meta["hidden_size"])
         self.patch_size = int(meta["patch_size"])
-        self.slice_hw = tuple(int(v) for v in store.meta["preprocessing"]["target_shape"][1:])
-        self.input_hw = tuple(int(v) for v in meta.get("input_size") or self.slice_hw)
-        self.grid_hw = (self.input_hw[0] // self.patch_size, self.input_hw[1] // self.patch_size)
-        self.token_px = (self.slice_hw[0] / self.grid_hw[0], self.slice_hw[1] / self.grid_hw[1])
+        self.slice_hw, self.input_hw, self.grid_hw = _token_geometry(store)
+        self.token_px = token_pixels(store)
         self.teacher = _crop_teacher(teacher, meta) if teacher is not None else None
         self._said_resize = False
         self._depths: dict[str, int] = {}

@@ -38,9 +38,9 @@ def open_training_store(settings: TrainSettings) -> FeatureStore:
     roles = store.roles()
     if not any(r == "labeled" for r in roles.values()):
         raise UserError(f"{store.path} has no labeled cases; extract it with a split that has some (--labeled)")
-    if not store.storage.volumes:
-        raise UserError(f"{store.path} holds no volumes (made with --no-volumes); training needs them: "
-                        "rebuild the store with volumes")
+    if not store.storage.volumes and settings.data is None:
+        raise UserError(f"{store.path} holds no volumes (made with --no-volumes); pass --data DIR, the dataset "
+                        "folder it was extracted from, to rebuild them from the source files")
     shape = tuple(int(v) for v in store.meta["preprocessing"]["target_shape"])
     if any(c > v for c, v in zip(settings.crop, shape, strict=True)):
         raise UserError(f"crop {'x'.join(map(str, settings.crop))} is larger than the store's volumes "
@@ -131,12 +131,18 @@ def train(settings: TrainSettings | None, resume: Path | None = None, max_steps:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = open_training_store(settings)
     identity = store_identity(store)
-    if resume is not None and folder.identity()["attrs_sha256"] != identity["attrs_sha256"]:
-        raise UserError(f"{resume} was trained from another store ({folder.identity()['path']}); "
-                        f"{store.path} differs. Resume with the same store or start a new run")
+    if resume is not None:
+        saved = folder.identity()
+        classes = saved.get("meta", {}).get("dataset", {}).get("class_names")
+        if classes is not None and list(classes) != store.class_names:
+            raise UserError(f"{store.path} has classes {', '.join(store.class_names)} but {resume} was trained on "
+                            f"{', '.join(classes)}; resume with the run's own store or start a new run")
+        if saved["attrs_sha256"] != identity["attrs_sha256"]:
+            raise UserError(f"{resume} was trained from another store ({saved['path']}); "
+                            f"{store.path} differs. Resume with the same store or start a new run")
     roles = store.roles()
     cases = store.complete_cases()
-    volumes = VolumeCache(store, cases, with_labels=True)
+    volumes = VolumeCache(store, cases, with_labels=True, data=settings.data)
     iteration = DinoMixIteration(settings, store, volumes, load_policy(settings, store, volumes), device)
     if resume is not None:
         checkpoint = folder.load_checkpoint("latest")
@@ -203,6 +209,7 @@ def settings_from_json(data: dict) -> TrainSettings:
     data = dict(data)
     data["cache"] = Path(data["cache"])
     data["out"] = Path(data["out"]) if data.get("out") else None
+    data["data"] = Path(data["data"]) if data.get("data") else None
     data["crop"] = tuple(data["crop"])
     data["gamma_range"] = tuple(data["gamma_range"])
     pic = dict(data["pic"])

@@ -33,7 +33,7 @@ from stage2_train.networks import DinoMixStudent, EmaTeacher
 from stage2_train.pic import pic_batch
 from stage2_train.sampling import Crop, IterationSampler, VolumeCache, random_crop, random_gamma
 from stage2_train.settings import TrainSettings
-from stage2_train.targets import MixedCrop, TargetPolicy
+from stage2_train.targets import MixedCrop, TargetPolicy, token_pixels
 
 
 @dataclass
@@ -112,6 +112,7 @@ class DinoMixIteration:
         self.ema = EmaTeacher(self.student)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=settings.lr, momentum=settings.momentum,
                                          weight_decay=settings.weight_decay, nesterov=settings.nesterov)
+        self.crop_grid = (1.0, *token_pixels(store)) if settings.crop_grid == "token" else (1.0, 1.0, 1.0)
         self.seg_loss = SegLoss()
         self.aux_loss = MaskedSegLoss(mode=settings.aux_mode)
 
@@ -122,7 +123,8 @@ class DinoMixIteration:
 
     def _crops(self, ids: list[str], state: TrainState) -> list[Crop]:
         s = self.settings
-        return [random_crop(cid, self.volumes.shape(cid), s.crop, state.np_rng, flip=s.flip) for cid in ids]
+        return [random_crop(cid, self.volumes.shape(cid), s.crop, state.np_rng, flip=s.flip, grid=self.crop_grid)
+                for cid in ids]
 
     def _images(self, crops: list[Crop]) -> torch.Tensor:
         return torch.stack([self.volumes.crop_image(c) for c in crops]).to(self.device)

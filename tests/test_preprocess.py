@@ -304,3 +304,9 @@ def test_settings_validation_and_json():
                 {"normalisation": "zscore"}, {"label_interpolation": "trilinear"}):
         with pytest.raises(UserError):
             PreprocessSettings(**bad)
+
+
+def test_settings_round_trip_through_the_store_record():
+    settings = PreprocessSettings(target_shape=(16, 32, 48), hu_window=(-100, 200), normalisation="window",
+                                  image_dtype="float32")
+    assert PreprocessSettings.from_json(settings.to_json()) == settings

@@ -60,6 +60,19 @@ def test_random_crop_offsets_cover_the_valid_range_and_stay_inside():
     assert seen[1] == set(range(33)) and seen[2] == set(range(33))
 
 
+def test_random_crop_on_a_token_grid():
+    rng = np.random.default_rng(0)
+    crops = [random_crop("c", (80, 160, 160), (64, 128, 128), rng, grid=(1, 16, 16)) for _ in range(300)]
+    assert {c.offset[1] for c in crops} == {0, 16, 32} == {c.offset[2] for c in crops}
+    assert {c.offset[0] for c in crops} == set(range(17))  # z stays free
+    # 224-pixel teacher input on 160-pixel slices: tokens of 160/14 px, offsets rounded to voxels
+    frac = {random_crop("c", (80, 160, 160), (64, 128, 128), rng, grid=(1, 160 / 14, 160 / 14)).offset[2]
+            for _ in range(300)}
+    assert frac == {0, 11, 23}
+    with pytest.raises(ValueError, match="grid"):
+        random_crop("c", (80, 160, 160), (64, 128, 128), rng, grid=(1, 0.5, 16))
+
+
 def test_random_crop_of_the_whole_volume_and_types():
     crop = random_crop("c", (12, 32, 32), (12, 32, 32), np.random.default_rng(1))
     assert crop.offset == (0, 0, 0)
@@ -189,10 +202,10 @@ def test_cache_errors_are_clear(store_and_arrays):
 def test_cache_of_a_store_without_volumes_or_incomplete_case(tmp_path):
     store = FeatureStore.create(tmp_path / "s.zarr", make_meta(StoreSettings(chunk_slices=4, volumes=False)))
     store.write_case("0001", *case_arrays(0), {})
-    with pytest.raises(UserError, match="no image volume"):
+    with pytest.raises(UserError, match="holds no volumes.*pass --data"):
         VolumeCache(store, ["0001"], with_labels=True)
     with pytest.raises(UserError, match="not complete"):
-        VolumeCache(store, ["0002"], with_labels=False)
+        VolumeCache(store, ["0002"], with_labels=False, data=tmp_path)
 
 
 # ----------------------------------------------------------------------------- iteration sampler

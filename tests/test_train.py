@@ -104,3 +104,88 @@ def test_bench_targets_reports_time_fidelity_and_recompute(train_store):
     assert result["cache"]["recomputed"] == 0.0 and -1.0 <= result["cache"]["cosine"] <= 1.0
     assert 0.0 < result["hybrid"]["recomputed"] < 1.0
     assert result["hybrid"]["cosine"] >= result["cache"]["cosine"] - 1e-6  # recomputing the box only helps
+
+
+def _copy_with_meta(store, dest, **sections):
+    from dinomix_cache.store import FeatureStore
+
+    shutil.copytree(store, dest)
+    copy = FeatureStore.open(dest, mode="r+")
+    copy.update_meta(**{k: v(copy.meta) for k, v in sections.items()})
+    return dest
+
+
+def test_store_without_labeled_cases_is_refused(train_store, tmp_path):
+    def unlabeled(meta):
+        cases = [{**c, "role": "unlabeled" if c["role"] == "labeled" else c["role"]} for c in meta["dataset"]["cases"]]
+        return {**meta["dataset"], "cases": cases}
+
+    store = _copy_with_meta(train_store, tmp_path / "nolab.zarr", dataset=unlabeled)
+    with pytest.raises(UserError, match="no labeled cases"):
+        train(small(store, tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_with_other_classes_is_refused(train_store, tmp_path):
+    run = train(small(train_store, tmp_path / "r"), max_steps=1)
+    before = (run / "latest.pt").read_bytes()
+
+    def renamed(meta):
+        return {**meta["dataset"], "class_names": [*meta["dataset"]["class_names"][:-1], "kidney_cyst"]}
+
+    other = _copy_with_meta(train_store, tmp_path / "classes.zarr", dataset=renamed)
+    with pytest.raises(UserError, match="has classes .*kidney_cyst.* but .* was trained on"):
+        train(None, resume=run, cache=other, max_steps=2)
+    assert (run / "latest.pt").read_bytes() == before
+
+
+def test_teacher_that_cannot_be_loaded(train_store, tmp_path):
+    def moved(meta):
+        return {**meta["teacher"], "source": str(tmp_path / "no-such-teacher")}
+
+    store = _copy_with_meta(train_store, tmp_path / "moved.zarr", teacher=moved)
+    for targets in ("hybrid", "online"):
+        with pytest.raises(UserError, match="--targets cache"):
+            train(small(store, tmp_path / targets, targets=targets))
+        assert not (tmp_path / targets / "latest.pt").exists()
+    run = train(small(store, tmp_path / "cache", targets="cache"), max_steps=1)
+    assert "distill" in RunFolder(run).records()[0]
+
+
+def test_store_without_volumes_trains_from_data(phantom_dir, tmp_path):
+    from dinomix_cache.store import StoreSettings
+
+    store = tmp_path / "novol.zarr"
+    run_extraction(tiny_settings(phantom_dir, store, preprocess=PreprocessSettings(target_shape=SHAPE),
+                                 storage=StoreSettings(chunk_slices=4, volumes=False)))
+    with pytest.raises(UserError, match="holds no volumes.*--data"):
+        train(small(store, tmp_path / "a"))
+    run = train(small(store, tmp_path / "b", data=phantom_dir), max_steps=1)
+    assert "distill" in RunFolder(run).records()[0]
+    altered = tmp_path / "altered"
+    shutil.copytree(phantom_dir, altered)
+    victim = sorted(altered.rglob("img*.nii.gz"))[0]
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(victim)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1, img.affine, img.header), victim)
+    with pytest.raises(UserError, match=f"{victim.name} differs from the file the store was made from"):
+        train(small(store, tmp_path / "c", data=altered), max_steps=1)
+
+
+def test_token_grid_crops(train_store, tmp_path):
+    from stage2_train.sampling import VolumeCache
+    from stage2_train.train import open_training_store
+    from stage2_train.trainer import DinoMixIteration, TrainState
+
+    for grid, allowed in (("token", {0, 16, 32}), ("voxel", set(range(33)))):
+        settings = small(train_store, None, crop_grid=grid)
+        store = open_training_store(settings)
+        volumes = VolumeCache(store, store.complete_cases(), with_labels=True)
+        iteration = DinoMixIteration(settings, store, volumes, None, torch.device("cpu"))
+        state = TrainState.seeded(0)
+        offsets = {o for _ in range(60) for c in iteration._crops(["0001"], state) for o in c.offset[1:]}
+        assert offsets <= allowed and len(offsets) >= 3
+    with pytest.raises(ValueError, match="crop grid"):
+        small(train_store, None, crop_grid="pixel")
