@@ -89,7 +89,8 @@ def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[s
     with torch.inference_mode():
         for cid in eval_ids:
             crop = center_crop(cid, volumes.shape(cid), iteration.settings.crop)
-            pred = student(volumes.crop_image(crop)[None].to(iteration.device)).logits.argmax(1)[0].cpu()
+            image = volumes.crop_image(crop)[None].to(iteration.device)
+            pred = iteration.forward(student, image).logits.argmax(1)[0].cpu()
             label = volumes.crop_label(crop)
             for c in range(1, num_classes):
                 p, g = pred == c, label == c

@@ -12,6 +12,7 @@ K/2 + resume + K/2 give identical weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from stage2_train.losses import (
     pseudo_labels,
     unlabeled_aux_mask,
 )
-from stage2_train.networks import DinoMixStudent, EmaTeacher
+from stage2_train.networks import DinoMixStudent, EmaTeacher, StudentOutput
 from stage2_train.pic import pic_batch
 from stage2_train.sampling import Crop, IterationSampler, VolumeCache, random_crop, random_gamma
 from stage2_train.settings import TrainSettings
@@ -121,6 +122,14 @@ class DinoMixIteration:
         s = self.settings
         return s.lr * (1 - min(epoch, s.epochs) / s.epochs) ** s.poly_power
 
+    def forward(self, network: Callable[[torch.Tensor], StudentOutput], x: torch.Tensor) -> StudentOutput:
+        """A network forward under bf16 autocast on GPU (float32 on CPU); outputs returned as float32,
+        so losses and the EMA pseudo-labels are computed in full precision."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = network(x)
+        return StudentOutput(*(None if t is None else t.float() for t in
+                               (out.logits, out.aux_logits, out.deep, out.projected)))
+
     def _crops(self, ids: list[str], state: TrainState) -> list[Crop]:
         s = self.settings
         return [random_crop(cid, self.volumes.shape(cid), s.crop, state.np_rng, flip=s.flip, grid=self.crop_grid)
@@ -148,13 +157,13 @@ class DinoMixIteration:
         if unlabeled_ids and not s.labeled_only:
             unl_crops = self._crops(unlabeled_ids, state)
             x_u = self._images(unl_crops)
-            ema_out = self.ema(x_u)
+            ema_out = self.forward(self.ema, x_u)
             y_u, confident = pseudo_labels(ema_out.logits, s.tau)
             y_u_aux = ema_out.aux_logits.argmax(1)
             x_strong = random_gamma(x_u, s.gamma_range, generator=state.torch_gen)
             x_mix, y_mix, boxes, _ = pic_batch(x_l, y_l, x_strong, y_u, self.class_voxels, state.epoch, s.epochs,
                                                s.pic, state.np_rng)
-            out = self.student(torch.cat([x_l, x_mix]))
+            out = self.forward(self.student, torch.cat([x_l, x_mix]))
             n = len(lab_crops)
             logits_mix, aux_mix = out.logits[n:], out.aux_logits[n:]
             terms["unsup"] = self.seg_loss(logits_mix, y_mix, weight_mask=boxes | confident)
@@ -167,7 +176,7 @@ class DinoMixIteration:
                 target, recomputed = self.policy.targets(items)
                 terms["distill"] = distillation_loss(out.projected[n:], target.to(self.device))
         else:
-            out = self.student(x_l)
+            out = self.forward(self.student, x_l)
             n = len(lab_crops)
         terms["sup"] = self.seg_loss(out.logits[:n], y_l)
         if s.aux:
