@@ -78,9 +78,14 @@ def load_policy(settings: TrainSettings, store: FeatureStore, volumes: VolumeCac
     return make_policy(settings.targets, store, volumes, teacher)
 
 
-def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str]) -> float:
-    """Mean foreground Dice of the student's main head on the centre crop of each eval case
-    (hard Dice per class over all eval crops; classes absent from both are left out)."""
+def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str]) -> tuple[float, list[float]]:
+    """Hard Dice of the student's main head on the centre crop of each eval case, pooled over the crops.
+
+    Returns:
+        (mean over the classes present, per foreground class Dice in [0, 1] with NaN where a class is
+        absent from both prediction and ground truth; logged as null). A quick training signal, not the evaluation
+        protocol (``evaluate`` runs the sliding window over whole volumes).
+    """
     student = iteration.student
     student.eval()
     num_classes = student.vnet.num_classes
@@ -96,9 +101,10 @@ def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[s
                 p, g = pred == c, label == c
                 inter[c] += int((p & g).sum())
                 total[c] += int(p.sum() + g.sum())
-    present = total[1:] > 0
-    dice = 2 * inter[1:][present] / total[1:][present]
-    return float(dice.mean()) if dice.size else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(total[1:] > 0, 2 * inter[1:] / total[1:], np.nan)
+    present = per_class[~np.isnan(per_class)]
+    return (float(present.mean()) if present.size else 0.0), [float(v) for v in per_class]
 
 
 def train(settings: TrainSettings | None, resume: Path | None = None, max_steps: int | None = None,
@@ -167,8 +173,9 @@ def train(settings: TrainSettings | None, resume: Path | None = None, max_steps:
         folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
                     "seconds": round(time.perf_counter() - start, 4), **record})
         if state.iteration == 0:  # an epoch just ended
-            dice = validate(iteration, volumes, eval_ids) if eval_ids else float("nan")
-            folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice})
+            dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
+            folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
+                        "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class]})
             if dice > state.best_dice:
                 state.best_dice = dice
                 folder.save_checkpoint("best", {"networks": iteration.state_dicts(), "state": state.to_dict()})
