@@ -27,7 +27,8 @@ out = Console()
 app = typer.Typer(
     help="DINO-Mix 3D CT segmentation with a shareable DINOv3 feature store.\n\n"
     "Stage one: `extract` runs a frozen teacher once over every axial slice into a Zarr store. "
-    "Inspect it with `info`, check it with `verify`, measure with `bench`.",
+    "Inspect it with `info`, check it with `verify`. Stage two: `train` the student from the store, "
+    "`evaluate` it on the test split, `predict` any CT. `bench` measures speed.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -400,3 +401,7 @@ def bench_targets_cmd(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# Registers `evaluate` and `predict` on the app; last, because that module imports the helpers above.
+from dinomix_cache import cli_inference  # noqa: E402, F401

@@ -458,6 +458,25 @@ def _scan_msd(root: Path) -> tuple[_Found, list[str], tuple[str, ...], dict]:
 # Discovery
 
 
+def scan_case_files(name: str, root: Path) -> dict[str, tuple[Path, Path | None, str]]:
+    """Case id → (image path, label path or None, ``"nifti"``/``"npy"``) for every case under ``root``,
+    whatever its role (no split is read). For finding a known case's files again, e.g. to evaluate
+    against the original labels after the store has gone.
+
+    Raises:
+        UserError: unknown dataset name or missing folder.
+    """
+    key = name.strip().lower()
+    if key not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    root = Path(root).expanduser().absolute()
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist; pass --data DIR pointing at {_DATA_HINT[key]}")
+    if key == "msd":
+        return _scan_msd(root)[0]
+    return (_scan_amos(root) if key == "amos" else _scan_synapse(root))[0]
+
+
 def discover_dataset(
     name: str, root: Path, split: SplitSettings = SplitSettings(), case_ids: Sequence[str] | None = None
 ) -> DatasetSpec:

@@ -256,6 +256,24 @@ class VolumeCache:
         except KeyError:
             raise ValueError(f"case {case_id!r} is not in this volume cache ({len(self._images)} cases)") from None
 
+    def image(self, case_id: str) -> np.ndarray:
+        """The whole preprocessed image, (D, H, W) as stored (float16), read-only."""
+        view = self._image(case_id).view()
+        view.flags.writeable = False
+        return view
+
+    def label(self, case_id: str) -> np.ndarray:
+        """The whole label, (D, H, W) uint8, read-only.
+
+        Raises:
+            ValueError: the case has no label in this cache.
+        """
+        if case_id not in self._labels:
+            raise ValueError(f"case {case_id!r} has no label in this volume cache")
+        view = self._labels[case_id].view()
+        view.flags.writeable = False
+        return view
+
     def shape(self, case_id: str) -> Shape3:
         """(D, H, W) of the case's preprocessed volume."""
         return tuple(int(n) for n in self._image(case_id).shape)  # type: ignore[return-value]
