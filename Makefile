@@ -13,11 +13,15 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # Offline, on CPU: generate the phantom, extract its features with a random-init DINOv3
-# (labelled "random, not pretrained"), then show and verify the store.
+# (labelled "random, not pretrained"), show and verify the store, train the student with the
+# cpu-small preset into runs/demo (replaced on every demo), and evaluate it on the test split.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dinomix-cache extract --dataset phantom --teacher random:tiny --out storage/phantom.zarr
 	$(VENV)/bin/dinomix-cache info storage/phantom.zarr
 	$(VENV)/bin/dinomix-cache verify storage/phantom.zarr --data data/phantom
+	rm -rf runs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dinomix-cache train --cache storage/phantom.zarr --preset cpu-small --out runs/demo
+	$(VENV)/bin/dinomix-cache evaluate --run runs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -27,4 +31,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) storage/*.zarr storage/*.lock data/phantom
+	rm -rf $(VENV) storage/*.zarr storage/*.lock data/phantom runs/demo

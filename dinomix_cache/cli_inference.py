@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -49,7 +50,9 @@ def evaluate(
                                 sw_batch_size=sw_batch_size, convention=convention, mm=mm, figures=figures,
                                 progress=progress).resolved()
     result = run_evaluation(settings)
-    out.print(results_table(result))
+    table = results_table(result)
+    # The paper's layout is 16 columns wide: never squeeze it into a narrow pipe's default 80.
+    Console(width=max(out.width, 40 + 9 * len(result["class_labels"]))).print(table)
     err.print(f"results in {settings.out}: results.md, results.json, cases.csv"
               + (", dice.png, qualitative.png" if figures else ""), highlight=False, soft_wrap=True)
 

@@ -304,10 +304,14 @@ def _write_outputs(settings: EvaluateSettings, result: dict[str, Any],
     dice_bar_chart(out / "dice.png", result["class_labels"], np.nanmean(dice, 0) if over else dice[0],
                    np.array(over["dice_std"], float) if over else None,
                    run_labels=[Path(r["run"]).name for r in result["runs"]], per_run=dice if over else None,
-                   title=f"Dice per class, {settings.split} split ({len(result['runs'])} run(s))",
+                   title=f"Dice per class, {settings.split} split, {_runs_word(len(result['runs']))}",
                    class_names=result["class_names"])
     if shown is not None:
         case_id, image, label, pred = shown
         qualitative_figure(out / "qualitative.png", image, label, pred, ["background", *result["class_names"]],
                            ["BG", *result["class_labels"]],
                            title=f"case {case_id}, {Path(result['runs'][0]['run']).name}")
+
+
+def _runs_word(n: int) -> str:
+    return "1 run" if n == 1 else f"mean of {n} runs (dots: each run; bars: ± std)"
