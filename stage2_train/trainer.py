@@ -172,7 +172,9 @@ class DinoMixIteration:
                 keep = unlabeled_aux_mask(y_mix_aux, self.rates, state.epoch, s.epochs, state.torch_gen)
                 terms["unsup_aux"] = self.aux_loss(aux_mix, y_mix_aux, keep)
             if s.fkd and self.policy is not None:
-                items = [MixedCrop(unl_crops[i], lab_crops[i % n], box_of(boxes[i])) for i in range(len(unl_crops))]
+                boxes_of = [box_of(boxes[i]) for i in range(len(unl_crops))]  # None: nothing pasted (--no-pic)
+                items = [MixedCrop(unl_crops[i], None if box is None else lab_crops[i % n], box)
+                         for i, box in enumerate(boxes_of)]
                 target, recomputed = self.policy.targets(items)
                 terms["distill"] = distillation_loss(out.projected[n:], target.to(self.device))
         else:

@@ -66,7 +66,12 @@ def test_run_folder_holds_settings_log_checkpoints_and_plot(train_store, tmp_pat
 
 
 def test_labeled_only_and_ablations_run(train_store, tmp_path):
-    for i, change in enumerate(({"labeled_only": True}, {"fkd": False}, {"targets": "cache"})):
+    from stage2_train.pic import PicSettings
+
+    no_pic = PicSettings(enabled=False)
+    changes = ({"labeled_only": True}, {"fkd": False}, {"targets": "cache"}, {"pic": no_pic},
+               {"pic": no_pic, "targets": "cache"}, {"aux": False})
+    for i, change in enumerate(changes):
         run = train(small(train_store, tmp_path / f"r{i}", **change), max_steps=1)
         step = RunFolder(run).records()[0]
         assert ("unsup" in step) != bool(change.get("labeled_only"))
