@@ -25,7 +25,8 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="test (default) or eval."),
     out_path: Path | None = typer.Option(None, "--out", help="Evaluation folder. Default RUN/evaluation-<split> "
                                          "(several runs: their parent folder/evaluation-<split>)."),
-    cache: Path | None = typer.Option(None, "--cache", help="The run's store, if it moved since training."),
+    cache: str | None = typer.Option(None, "--cache", help="The run's store (folder, .zip or URL), if it moved since "
+                                     "training."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder: rebuilds the volumes if the store is "
                                      "gone, and finds the original labels for ASD in mm."),
     checkpoint: str = CheckpointOpt,

@@ -4,6 +4,10 @@
 of every array (each carries a CRC-32C checksum), checks shapes against the recorded teacher and
 preprocessing, completeness of every case, the statistics, and, given the source data, the
 sha256 of every source file.
+
+Both take any store location (folder, ``.zip``, URL). Neither lists the store: a missing chunk is
+noticed as the read that finds nothing, so ``verify`` checks a store behind an HTTP server (which
+cannot list) as fully as a local one; only the sizes in ``info`` are unknown there.
 """
 
 from __future__ import annotations
@@ -12,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import WrapperStore
 
 from dinomix_cache.datasets import ROLES
 from dinomix_cache.preprocess import file_sha256
 from dinomix_cache.store import FeatureStore
+
+# What `info` says where sizes cannot be known.
+SIZES_UNKNOWN = "unknown: an HTTP server cannot list the store's files (run info on the folder or zip for sizes)"
 
 
 def store_info(path: Path | str) -> dict[str, Any]:
@@ -24,7 +35,11 @@ def store_info(path: Path | str) -> dict[str, Any]:
     Raises:
         UserError: ``path`` is not a readable dinomix store.
     """
-    store = FeatureStore.open(path)
+    with FeatureStore.open(path) as store:
+        return _summary(store)
+
+
+def _summary(store: FeatureStore) -> dict[str, Any]:
     meta = store.meta
     roles = store.roles()
     complete = set(store.complete_cases())
@@ -43,9 +58,11 @@ def store_info(path: Path | str) -> dict[str, Any]:
         slices += shape[0]
     feature_bytes = store.bytes_on_disk("features")
     volume_bytes = store.bytes_on_disk("volumes")
+    total_bytes = store.bytes_on_disk()
     counts = store.class_voxels()
     return {
-        "path": str(store.path),
+        "path": store.location,
+        "kind": store.kind,
         "format": f"{meta['format']} v{meta['version']}",
         "teacher": meta["teacher"],
         "preprocessing": meta["preprocessing"],
@@ -57,8 +74,9 @@ def store_info(path: Path | str) -> dict[str, Any]:
         "incomplete_cases": [cid for cid in roles if cid not in complete],
         "feature_shapes": sorted(list(s) for s in feature_shapes),
         "slices": slices,
-        "bytes": {"total": store.bytes_on_disk(), "features": feature_bytes, "volumes": volume_bytes},
-        "feature_bytes_per_slice": feature_bytes / slices if slices else None,
+        "bytes": {"total": total_bytes, "features": feature_bytes, "volumes": volume_bytes},
+        "bytes_note": SIZES_UNKNOWN if total_bytes is None else None,
+        "feature_bytes_per_slice": feature_bytes / slices if slices and feature_bytes is not None else None,
         "class_voxels": None if counts is None else [int(v) for v in counts],
     }
 
@@ -70,11 +88,36 @@ def _expected_feature_shape(meta: dict[str, Any]) -> tuple[int, int, int, int]:
     return (int(prep["target_shape"][0]), in_h // patch, in_w // patch, int(teacher["hidden_size"]))
 
 
+class MissingKeys(WrapperStore[Store]):
+    """A read-only view of a store that notes every key a read finds absent.
+
+    zarr reads a missing chunk as the fill value without a word; counting chunks instead would
+    list the store, which HTTP servers cannot do. Reading through this view costs nothing extra.
+    """
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.missing: set[str] = set()
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None:
+            self.missing.add(key)
+        return value
+
+
 def _check_array(array: Any, what: str, problems: list[str]) -> np.ndarray | None:
+    """Decode every chunk of ``array``; note missing chunks and decode or checksum failures."""
     try:
-        if array.nchunks_initialized < array.nchunks:
-            problems.append(f"{what}: {array.nchunks - array.nchunks_initialized} of {array.nchunks} chunks missing")
-        return np.asarray(array[...])
+        data = np.asarray(array[...])
+        if isinstance(array.store, MissingKeys):
+            prefix = f"{array.path}/"
+            missing = sum(k.startswith(prefix) and not k.endswith("zarr.json") for k in array.store.missing)
+        else:  # a plain array (tests): count by listing
+            missing = array.nchunks - array.nchunks_initialized
+        if missing:
+            problems.append(f"{what}: {missing} of {array.nchunks} chunks missing")
+        return data
     except Exception as exc:  # any decode or checksum failure is a problem to report, not a crash
         problems.append(f"{what}: unreadable ({type(exc).__name__}: {exc})")
         return None
@@ -84,7 +127,7 @@ def verify_store(path: Path | str, data: Path | None = None) -> list[str]:
     """Re-read every chunk of a store and list what is wrong with it.
 
     Args:
-        path: the store.
+        path: the store (folder, ``.zip`` or URL).
         data: the dataset root the store was made from; when given, each source file's sha256
             is recomputed and compared with the recorded one.
 
@@ -94,7 +137,13 @@ def verify_store(path: Path | str, data: Path | None = None) -> list[str]:
     Raises:
         UserError: ``path`` is not a store at all (nothing to verify).
     """
-    store = FeatureStore.open(path)
+    with FeatureStore.open(path) as store:
+        return _verify(store, data)
+
+
+def _verify(store: FeatureStore, data: Path | None) -> list[str]:
+    recorder = MissingKeys(store.group.store)
+    root = zarr.open_group(recorder, path=store.group.path, mode="r", zarr_format=3)
     meta = store.meta
     problems: list[str] = []
     expected = _expected_feature_shape(meta)
@@ -106,7 +155,7 @@ def verify_store(path: Path | str, data: Path | None = None) -> list[str]:
         if not (attrs and attrs.get("complete") is True):
             problems.append(f"case {cid} ({role}): incomplete; rerun extract to finish it")
             continue
-        feats = _check_array(store.group["features"][cid], f"case {cid} features", problems)
+        feats = _check_array(root["features"][cid], f"case {cid} features", problems)
         if feats is not None:
             if feats.shape != expected:
                 problems.append(f"case {cid} features: shape {feats.shape}, expected {expected}")
@@ -119,7 +168,7 @@ def verify_store(path: Path | str, data: Path | None = None) -> list[str]:
                 if not store.has_volume(cid, name):
                     problems.append(f"case {cid}: {name} volume missing")
                     continue
-                vol = _check_array(store.group["volumes"][cid][name], f"case {cid} {name}", problems)
+                vol = _check_array(root["volumes"][cid][name], f"case {cid} {name}", problems)
                 if vol is not None and vol.shape != target:
                     problems.append(f"case {cid} {name}: shape {vol.shape}, expected {target}")
                 if vol is not None and name == "label" and vol.size and int(vol.max()) >= num_classes:

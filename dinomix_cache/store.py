@@ -14,23 +14,33 @@ writes each file atomically, so a killed writer leaves either an incomplete case
 resume) or a complete one, never a torn one. A store holds arrays and JSON attributes only, and
 attributes are validated against the declared format version before use: opening a store from
 someone else never runs code.
+
+Where a store lives (:func:`as_location`): a local ``.zarr`` folder (read and write), a ``.zip``
+of one (read-only, see :mod:`dinomix_cache.pack`), or an fsspec URL (``http(s)://``, ``s3://``,
+``gs://``, ...; read-only over HTTP, writable where the filesystem is). Readers never list a
+folder: group members are known from the attributes (HTTP servers cannot list reliably).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import re
 import shutil
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.errors import ZarrUserWarning
+from zarr.storage import FsspecStore, ZipStore
 
 from dinomix_cache.errors import UserError
 
@@ -166,65 +176,273 @@ def remove_store(path: Path) -> None:
     shutil.rmtree(path)
 
 
+# --------------------------------------------------------------------------------- locations
+# "s3://bucket/x.zarr", "https://host/x.zarr", and fsspec's chained "simplecache::s3://bucket/x.zarr".
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(?:::[A-Za-z][A-Za-z0-9+.-]*)*://")
+# What ``Path("http://host/x")`` makes of a URL: ``http:/host/x``.
+_COLLAPSED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)(.+)$")
+# Schemes a store cannot be written through: HTTP servers take no writes, and a zip is written
+# once, whole, by `pack` (zip members cannot be replaced in place).
+READ_ONLY_PROTOCOLS = frozenset({"http", "https", "zip"})
+
+
+def is_url(location: Path | str) -> bool:
+    """True for an fsspec URL (``http://``, ``s3://``, ``simplecache::s3://``, ...), as a ``str``."""
+    return isinstance(location, str) and bool(_URL.match(location))
+
+
+def as_location(location: Path | str) -> Path | str:
+    """Normalise a store location: an fsspec URL stays a ``str``, anything else is a :class:`Path`.
+
+    ``file://`` URLs become paths. A URL that went through ``Path()`` on its way here lost one
+    slash of its ``//`` (``Path("http://h/x")`` is ``http:/h/x``); it gets it back when its scheme is
+    a known fsspec protocol and no such local path exists, so settings saved as paths still work.
+    """
+    text = str(location)
+    if _URL.match(text):
+        if text.startswith("file://"):
+            return Path(text.removeprefix("file://"))
+        return text.rstrip("/")
+    collapsed = _COLLAPSED_URL.match(text)
+    if collapsed and collapsed[1].lower() in _fsspec_protocols() - {"file", "local"} and not Path(text).exists():
+        return f"{collapsed[1]}://{collapsed[2]}".rstrip("/")
+    return Path(text)
+
+
+def _fsspec_protocols() -> set[str]:
+    from fsspec.registry import known_implementations, registry
+
+    return {*known_implementations, *registry}
+
+
+def url_protocols(url: str) -> set[str]:
+    """Every protocol of a (possibly chained) fsspec URL: ``zip://a::https://h/x.zip`` → {zip, https}."""
+    return {part.split("://", 1)[0].lower() for part in url.split("::") if part}
+
+
+def _is_zip(path: Path) -> bool:
+    """A ``.zip`` path that is not a folder, or any zip archive whatever its name."""
+    if path.is_dir():
+        return False
+    return path.suffix.lower() == ".zip" or (path.is_file() and zipfile.is_zipfile(path))
+
+
+def _zip_root(path: Path) -> str:
+    """Where the store's ``zarr.json`` sits in a zip: at the top (``pack``'s layout) or in one top folder
+    (``zip -r s.zarr.zip s.zarr``).
+
+    Raises:
+        UserError: no ``zarr.json`` at either place.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path} is not a readable zip archive ({exc}); pack the store again") from None
+    if "zarr.json" in names:
+        return ""
+    tops = [n.removesuffix("/zarr.json") for n in names if n.count("/") == 1 and n.endswith("/zarr.json")]
+    if len(tops) == 1:
+        return tops[0]
+    raise UserError(f"{path} holds no feature store (no zarr.json at its top or in a single top folder); "
+                    "make the zip with `dinomix-cache pack STORE OUT.zip`")
+
+
+def _fsspec_store(url: str, read_only: bool, storage_options: dict[str, Any] | None) -> FsspecStore:
+    try:
+        return FsspecStore.from_url(url, read_only=read_only, storage_options=storage_options)
+    except ImportError as exc:  # the scheme's fsspec backend (s3fs, gcsfs, ...) is not installed
+        raise UserError(f"cannot open {url}: {exc}") from None
+    except ValueError as exc:  # an unknown protocol
+        raise UserError(f"cannot open {url}: {exc}; use a local path, a .zip, or an fsspec URL") from None
+
+
+def _open_zarr_group(store: Any, path: str, mode: str, where: str) -> zarr.Group:
+    """Open the Zarr v3 group of a store, turning zarr's and the transport's errors into one line.
+
+    Stores opened read-only use the consolidated metadata ``pack`` writes (no request per node); a
+    writer ignores it, since it would go stale with the first new case.
+    """
+    try:
+        return zarr.open_group(store=store, path=path, mode=mode, zarr_format=3,
+                               use_consolidated=None if mode == "r" else False)
+    except FileNotFoundError:  # zarr's GroupNotFoundError; HTTP 404 reads as a missing key
+        http = bool(is_url(where) and url_protocols(where) & {"http", "https"})
+        detail = f"HTTP 404 for {where}/zarr.json" if http else "no zarr.json there"
+        raise UserError(f"cannot open {where}: not found ({detail}); check the location") from None
+    except Exception as exc:  # the transport (HTTP 403, a refused connection, ...) or a damaged zarr.json
+        status = getattr(exc, "status", None)
+        transport = type(exc).__module__.split(".")[0] in ("aiohttp", "botocore", "google", "fsspec")
+        if status is not None or transport or isinstance(exc, OSError | TimeoutError):
+            reason = (f"HTTP {status} {getattr(exc, 'message', '')}".strip() if status
+                      else f"{type(exc).__name__}: {exc}")
+            raise UserError(f"cannot open {where} ({reason}); check the location and that it is reachable") from None
+        raise UserError(f"{where} is not a readable Zarr v3 group ({type(exc).__name__}: {exc}); "
+                        "rebuild it with extract") from None
+
+
+def _fsspec_du(url: str, sub: str, storage_options: dict[str, Any] | None) -> int | None:
+    """Sum of object sizes under ``url/sub``, or None where the filesystem cannot list (HTTP)."""
+    if url_protocols(url) & {"http", "https"}:
+        return None
+    try:
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(url, **(storage_options or {}))
+        target = f"{root.rstrip('/')}/{sub}" if sub else root
+        return int(fs.du(target, total=True)) if fs.exists(target) else 0
+    except Exception:  # sizes are informative only; a filesystem without du gives "unknown"
+        return None
+
+
 class FeatureStore:
     """Read and write a dinomix feature store (format v1).
 
     Create one with :meth:`create`, open an existing one with :meth:`open`. Read access never
     returns an incomplete case unless asked for one explicitly.
 
+    Attributes:
+        group: the root Zarr group.
+        path: where the store lives: a :class:`Path` (folder or zip) or a URL ``str``.
+        location: ``str(path)``, for messages and run folders.
+        kind: ``"folder"``, ``"zip"`` or ``"url"``.
+
     Example::
 
-        store = FeatureStore.open("storage/synapse.zarr")
+        store = FeatureStore.open("storage/synapse.zarr")    # or "synapse.zip", "https://host/synapse.zarr"
         feats = store.read_features("0001", 16, 80)   # (64, h, w, C) float16
     """
 
-    def __init__(self, group: zarr.Group, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, group: zarr.Group, path: Path | str, meta: dict[str, Any], kind: str = "folder",
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.group = group
         self.path = path
+        self.location = str(path)
+        self.kind = kind
+        self._storage_options = storage_options
         self._meta = meta
         self._complete: set[str] = set()
-        # Opening an array re-reads its metadata (about 2 ms); complete cases never change, so the
-        # training hot path keeps their handles.
+        # Opening a node re-reads its metadata (about 2 ms locally, a round trip remotely); complete
+        # cases never change, so the training hot path keeps their handles, and the sub-groups'.
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._groups: dict[str, zarr.Group] = {}
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: Path | str, meta: dict[str, Any]) -> FeatureStore:
-        """Create a new, empty store at ``path`` with the given ``dinomix`` attribute.
+    def create(cls, path: Path | str, meta: dict[str, Any],
+               storage_options: dict[str, Any] | None = None) -> FeatureStore:
+        """Create a new, empty store at ``path`` (a local folder or a writable fsspec URL) with the
+        given ``dinomix`` attribute.
 
         Raises:
-            UserError: ``path`` exists and is not an empty directory.
+            UserError: ``path`` exists and is not an empty directory, holds a Zarr store already, or
+                cannot be written (a zip, an HTTP URL).
         """
-        path = Path(path)
-        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-            raise UserError(f"{path} already exists; open it instead or remove it first")
+        where = as_location(path)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta}
-        validate_attrs({ATTRS_KEY: meta}, str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        if isinstance(where, str):
+            if url_protocols(where) & READ_ONLY_PROTOCOLS:
+                raise UserError(f"cannot create a store at {where}: HTTP and zip locations are read-only; "
+                                "extract into a local .zarr folder (or an s3://, gs://, ... URL) instead")
+            validate_attrs({ATTRS_KEY: meta}, where)
+            zstore = _fsspec_store(where, read_only=False, storage_options=storage_options)
+            try:
+                group = zarr.open_group(store=zstore, mode="w-", zarr_format=3)
+            except Exception as exc:  # ContainsGroupError, permissions, transport
+                raise UserError(f"cannot create a store at {where} ({type(exc).__name__}: {exc}); "
+                                "choose another location or remove what is there") from None
+        else:
+            if _is_zip(where):
+                raise UserError(f"cannot create a store inside the zip {where}: extract into a .zarr folder, "
+                                "then `dinomix-cache pack` it")
+            if where.exists() and not (where.is_dir() and not any(where.iterdir())):
+                raise UserError(f"{where} already exists; open it instead or remove it first")
+            validate_attrs({ATTRS_KEY: meta}, str(where))
+            where.parent.mkdir(parents=True, exist_ok=True)
+            group = zarr.open_group(str(where), mode="w", zarr_format=3)
         group.attrs[ATTRS_KEY] = meta
         for name in ("features", "volumes", "stats"):
             group.require_group(name)
-        return cls(group, path, meta)
+        return cls(group, where, meta, "url" if isinstance(where, str) else "folder", storage_options)
 
     @classmethod
-    def open(cls, path: Path | str, mode: str = "r") -> FeatureStore:
+    def open(cls, path: Path | str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> FeatureStore:
         """Open an existing store, read-only by default (``mode="r+"`` to write cases).
 
+        Args:
+            path: a ``.zarr`` folder, a ``.zip`` of one (read-only), or an fsspec URL (``https://``,
+                ``s3://``, ...; read-only over HTTP). See :func:`as_location`.
+            mode: ``"r"`` or ``"r+"``.
+            storage_options: passed to fsspec for a URL (credentials, ``anon=True``, ...).
+
         Raises:
-            UserError: the path is missing, not a Zarr v3 group, or not a valid dinomix store.
+            UserError: the location is missing or unreachable, not a Zarr v3 group, not a valid
+                dinomix store, or read-only while ``mode="r+"``.
         """
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"store {path} does not exist; create it with `dinomix-cache extract --out {path}`")
-        if not (path / "zarr.json").is_file():
-            raise UserError(f"{path} is not a feature store (no zarr.json); pass the .zarr folder made by extract")
-        try:
-            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-        except Exception as exc:  # zarr raises several types for a damaged zarr.json
-            raise UserError(f"{path} is not a readable Zarr v3 group ({exc}); rebuild it with extract") from exc
-        meta = validate_attrs(group.attrs, str(path))
-        return cls(group, path, meta)
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        where = as_location(path)
+        if isinstance(where, str):
+            if mode != "r" and url_protocols(where) & READ_ONLY_PROTOCOLS:
+                raise UserError(f"{where} is read-only (HTTP servers and zips take no writes); write into a "
+                                "local .zarr folder instead")
+            zstore = _fsspec_store(where, read_only=mode == "r", storage_options=storage_options)
+            group = _open_zarr_group(zstore, "", mode, where)
+            return cls._validated(group, where, "url", storage_options)
+        if _is_zip(where):
+            if mode != "r":
+                raise UserError(f"{where} is a zip, which is read-only; write into the .zarr folder it was "
+                                "packed from, then pack it again")
+            if not where.exists():
+                raise UserError(f"cannot open {where}: not found (no such zip file)")
+            root = _zip_root(where)
+            zip_store = ZipStore(where, mode="r")
+            try:
+                return cls._validated(_open_zarr_group(zip_store, root, "r", str(where)), where, "zip")
+            except UserError:
+                zip_store.close()
+                raise
+        if not where.exists():
+            raise UserError(f"store {where} does not exist; create it with `dinomix-cache extract --out {where}`")
+        if not (where / "zarr.json").is_file():
+            raise UserError(f"{where} is not a feature store (no zarr.json); pass the .zarr folder made by extract")
+        group = _open_zarr_group(str(where), "", mode, str(where))
+        if mode == "r+" and "consolidated_metadata" in json.loads((where / "zarr.json").read_text()):
+            # A writer adds cases the consolidated copy does not know: drop it (`consolidate` rewrites it).
+            group.update_attributes({})
+        return cls._validated(group, where, "folder")
+
+    @classmethod
+    def _validated(cls, group: zarr.Group, where: Path | str, kind: str,
+                   storage_options: dict[str, Any] | None = None) -> FeatureStore:
+        return cls(group, where, validate_attrs(group.attrs, str(where)), kind, storage_options)
+
+    @property
+    def writable(self) -> bool:
+        return not self.group.store.read_only
+
+    def close(self) -> None:
+        """Release the store (a zip's open file); the object must not be used afterwards."""
+        if self.kind == "zip":
+            self.group.store.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def consolidate(self) -> None:
+        """Copy every node's metadata into the root ``zarr.json`` (Zarr's consolidated metadata).
+
+        A reader then opens the store and any case with one request in all, instead of two or
+        three per case (worth it over HTTP). For finished stores: opening the store with
+        ``mode="r+"`` drops the copy again, since new cases would not be in it.
+        """
+        with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec" (yet)
+            warnings.simplefilter("ignore", ZarrUserWarning)
+            zarr.consolidate_metadata(self.group.store, path=self.group.path, zarr_format=3)
 
     # ----------------------------------------------------------------------------- attributes
     @property
@@ -235,7 +453,7 @@ class FeatureStore:
     def update_meta(self, **sections: Any) -> None:
         """Replace top-level sections of the ``dinomix`` attribute (written atomically)."""
         meta = {**self._meta, **sections}
-        validate_attrs({ATTRS_KEY: meta}, str(self.path))
+        validate_attrs({ATTRS_KEY: meta}, self.location)
         self.group.attrs[ATTRS_KEY] = meta
         self._meta = meta
 
@@ -252,9 +470,17 @@ class FeatureStore:
         return {c["id"]: c["role"] for c in self._meta["dataset"]["cases"]}
 
     # ----------------------------------------------------------------------------- cases
+    def _subgroup(self, name: str) -> zarr.Group:
+        """``features``, ``volumes`` or ``stats``, opened once (their members are looked up by name,
+        never listed, so a held handle sees cases written later)."""
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = self.group[name]  # type: ignore[assignment]
+        return group  # type: ignore[return-value]
+
     def _feature_array(self, case_id: str) -> zarr.Array | None:
         try:
-            node = self.group["features"][case_id]
+            node = self._subgroup("features")[case_id]
         except (KeyError, FileNotFoundError, ValueError):
             return None
         except Exception:  # a torn metadata file of an unfinished case reads as "not there"
@@ -272,11 +498,13 @@ class FeatureStore:
     def is_complete(self, case_id: str) -> bool:
         if case_id in self._complete:
             return True
-        attrs = self.case_attrs(case_id)
-        if attrs and attrs.get("complete") is True:
+        array = self._feature_array(case_id)
+        attrs = array.attrs.get(CASE_KEY) if array is not None else None
+        if isinstance(attrs, dict) and attrs.get("complete") is True:
             # A complete case never becomes incomplete in an open store (rebuilding makes a new
             # store), so reads in training loops do not re-read its metadata every time.
             self._complete.add(case_id)
+            self._arrays[(case_id, "features")] = array  # type: ignore[assignment]
             return True
         return False
 
@@ -290,7 +518,7 @@ class FeatureStore:
 
     def _require_complete(self, case_id: str) -> None:
         if not self.is_complete(case_id):
-            raise UserError(f"case {case_id} is not complete in {self.path}; rerun extract to finish it")
+            raise UserError(f"case {case_id} is not complete in {self.location}; rerun extract to finish it")
 
     def write_case(
         self,
@@ -319,12 +547,12 @@ class FeatureStore:
         try:
             arrays: list[tuple[zarr.Group, str, np.ndarray, tuple[str, ...], bool]] = []
             if settings.volumes and image is not None:
-                vgroup = self.group["volumes"].require_group(case_id)
+                vgroup = self._subgroup("volumes").require_group(case_id)
                 arrays.append((vgroup, "image", image, VOLUME_DIMS, False))
                 if label is not None:
                     arrays.append((vgroup, "label", label.astype(np.uint8, copy=False), VOLUME_DIMS, False))
             feats = features.astype(np.float16, copy=False)
-            arrays.append((self.group["features"], case_id, feats, FEATURE_DIMS, True))
+            arrays.append((self._subgroup("features"), case_id, feats, FEATURE_DIMS, True))
             for parent, name, data, dims, is_features in arrays:
                 target = parent.create_array(
                     name,
@@ -333,15 +561,18 @@ class FeatureStore:
                     dtype=data.dtype,
                     dimension_names=list(dims),
                     overwrite=True,
+                    # Every chunk is written, even an all-background label chunk (zarr skips those by
+                    # default): a missing chunk then always means damage, which `verify` reports.
+                    config={"write_empty_chunks": True},
                     **_codecs(settings, features=is_features),
                 )
                 target[...] = data
-            array = self.group["features"][case_id]
+            array = self._subgroup("features")[case_id]
             array.attrs[CASE_KEY] = {**case_meta, "shape": list(feats.shape), "complete": True}
         except OSError as exc:
             reason = "no space left on device" if exc.errno == errno.ENOSPC else str(exc)
             raise UserError(
-                f"writing case {case_id} into {self.path} failed ({reason}); the case stays incomplete. "
+                f"writing case {case_id} into {self.location} failed ({reason}); the case stays incomplete. "
                 "Fix the cause (free disk space) and rerun the same extract command to resume"
             ) from exc
 
@@ -356,16 +587,31 @@ class FeatureStore:
         """The features (``name="features"``) or a volume array of a complete case, opened once."""
         array = self._arrays.get((case_id, name))
         if array is None:
-            self._require_complete(case_id)
-            node = self.group["features"][case_id] if name == "features" else self.group["volumes"][case_id][name]
-            array = self._arrays[(case_id, name)] = node  # type: ignore[assignment]
+            self._require_complete(case_id)  # also keeps the features' handle
+            array = self._arrays.get((case_id, name))
+            if array is None and name != "features":
+                array = self._volume_array(case_id, name)
+            if array is None:
+                raise KeyError(f"{self.location}: case {case_id} has no {name} array")
         return array
 
-    def has_volume(self, case_id: str, name: str = "image") -> bool:
+    def _volume_array(self, case_id: str, name: str) -> zarr.Array | None:
+        """A case's ``image`` or ``label`` array, or None; kept open once the case is known complete."""
+        array = self._arrays.get((case_id, name))
+        if array is not None:
+            return array
         try:
-            return isinstance(self.group["volumes"][case_id][name], zarr.Array)
+            node = self._subgroup("volumes")[case_id][name]  # type: ignore[index]
         except (KeyError, FileNotFoundError):
-            return False
+            return None
+        if not isinstance(node, zarr.Array):
+            return None
+        if case_id in self._complete:
+            self._arrays[(case_id, name)] = node
+        return node
+
+    def has_volume(self, case_id: str, name: str = "image") -> bool:
+        return self._volume_array(case_id, name) is not None
 
     def read_volume(self, case_id: str, name: str = "image", start: int = 0, stop: int | None = None) -> np.ndarray:
         """Slices ``start:stop`` of a case's preprocessed ``image`` (float16) or ``label`` (uint8).
@@ -375,15 +621,35 @@ class FeatureStore:
                 ``--no-volumes``: pass ``--data`` to read the sources instead).
         """
         self._require_complete(case_id)
-        if (case_id, name) not in self._arrays and not self.has_volume(case_id, name):
-            raise UserError(f"{self.path} holds no {name} volume for case {case_id} (made with --no-volumes?)")
+        if not self.has_volume(case_id, name):
+            raise UserError(f"{self.location} holds no {name} volume for case {case_id} (made with --no-volumes?)")
         return self._complete_array(case_id, name)[start:stop]
+
+    def nodes(self) -> list[tuple[str, zarr.Group | zarr.Array]]:
+        """Every group and array a reader needs, as (path relative to the store root, node): the root,
+        ``features``/``volumes``/``stats``, each complete case's arrays, the statistics.
+
+        Found from the attributes and the format's layout, never by listing the store (HTTP servers
+        cannot list), so incomplete cases and anything foreign in the folder are left out.
+        """
+        out: list[tuple[str, zarr.Group | zarr.Array]] = [("", self.group)]
+        out += [(name, self._subgroup(name)) for name in ("features", "volumes", "stats")]
+        for cid in self.complete_cases():
+            out.append((f"features/{cid}", self._complete_array(cid, "features")))
+            volumes = [(name, self._volume_array(cid, name)) for name in ("image", "label")]
+            held = [(name, array) for name, array in volumes if array is not None]
+            if held:
+                out.append((f"volumes/{cid}", self._subgroup("volumes")[cid]))  # type: ignore[arg-type]
+                out += [(f"volumes/{cid}/{name}", array) for name, array in held]  # type: ignore[misc]
+        with contextlib.suppress(KeyError, FileNotFoundError):
+            out.append(("stats/class_voxels", self._subgroup("stats")["class_voxels"]))  # type: ignore[arg-type]
+        return out
 
     # ----------------------------------------------------------------------------- statistics
     def write_class_voxels(self, counts: np.ndarray) -> None:
         """Store voxel counts per class over the labeled cases, (num_classes,) int64."""
         counts = np.asarray(counts, dtype=np.int64)
-        arr = self.group["stats"].create_array(
+        arr = self._subgroup("stats").create_array(
             "class_voxels", shape=counts.shape, dtype="int64", dimension_names=["class"], overwrite=True
         )
         arr[...] = counts
@@ -391,14 +657,25 @@ class FeatureStore:
     def class_voxels(self) -> np.ndarray | None:
         """(num_classes,) int64 voxel counts per class over labeled cases, or None if not written."""
         try:
-            return np.asarray(self.group["stats"]["class_voxels"][...])
+            return np.asarray(self._subgroup("stats")["class_voxels"][...])
         except (KeyError, FileNotFoundError):
             return None
 
     # ----------------------------------------------------------------------------- sizes
-    def bytes_on_disk(self, sub: str = "") -> int:
-        """Bytes of all files under ``STORE/sub`` (local stores)."""
-        root = self.path / sub
+    def bytes_on_disk(self, sub: str = "") -> int | None:
+        """Bytes stored under ``STORE/sub``: file sizes of a folder; the zip file's size (``sub=""``) or
+        its members' stored sizes; object sizes for a URL. None where they cannot be known without
+        listing, which HTTP servers do not do reliably."""
+        if self.kind == "url":
+            return _fsspec_du(self.location, sub, self._storage_options)
+        path = Path(self.path)
+        if self.kind == "zip":
+            if not sub:
+                return path.stat().st_size
+            prefix = "/".join(p for p in (self.group.path, sub) if p) + "/"
+            with zipfile.ZipFile(path) as zf:
+                return sum(i.compress_size for i in zf.infolist() if i.filename.startswith(prefix))
+        root = path / sub
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
 

@@ -31,7 +31,7 @@ from dinomix_cache.classes import class_abbreviations
 from dinomix_cache.datasets import CaseSource, scan_case_files
 from dinomix_cache.errors import UserError
 from dinomix_cache.source_volumes import load_source_case
-from dinomix_cache.store import FeatureStore
+from dinomix_cache.store import FeatureStore, as_location
 from stage2_train.figures import dice_bar_chart, qualitative_figure
 from stage2_train.inference import DEFAULT_STRIDE, InferenceSettings, RunModel, load_run_model
 from stage2_train.metrics import CaseMetrics, case_metrics, mean_std_over_runs, summarize
@@ -52,7 +52,7 @@ class EvaluateSettings:
         runs: run folders (several = seeds of one setting: mean ± std over them).
         split: ``test`` (default) or ``eval``.
         out: the evaluation folder (default: see the module docstring).
-        cache: the store, if it moved since training (it must be the same store).
+        cache: the store (folder, ``.zip`` or URL), if it moved since training (it must be the same store).
         data: the dataset folder: rebuilds the volumes when the store is gone or holds none, and
             finds the original labels for ASD in mm (default: the folder the store was extracted from).
         checkpoint: ``best`` (best validation Dice, as the peers) or ``latest``.
@@ -67,7 +67,7 @@ class EvaluateSettings:
     runs: tuple[Path, ...]
     split: str = "test"
     out: Path | None = None
-    cache: Path | None = None
+    cache: Path | str | None = None
     data: Path | None = None
     checkpoint: str = "best"
     stride: tuple[int, int, int] = DEFAULT_STRIDE
@@ -112,14 +112,21 @@ class EvalCase:
     source: dict[str, Any] | None = field(default=None, repr=False)
 
 
-def _open_store(model: RunModel, cache: Path | None) -> FeatureStore | None:
-    """The run's store, checked to be the one it was trained from; None if it is gone."""
-    path = Path(cache) if cache is not None else Path(model.settings.cache)
-    if not path.exists():
+def _open_store(model: RunModel, cache: Path | str | None) -> FeatureStore | None:
+    """The run's store (folder, zip or URL), checked to be the one it was trained from; None if it is gone."""
+    path = as_location(cache if cache is not None else model.settings.cache)
+    if isinstance(path, Path) and not path.exists():
         if cache is not None:
             raise UserError(f"--cache {path} does not exist")
         return None
-    store = FeatureStore.open(path)
+    try:
+        store = FeatureStore.open(path)
+    except UserError as exc:
+        if cache is not None or isinstance(path, Path):
+            raise
+        # The URL the run recorded no longer answers: as for a local store that is gone, the sources may do.
+        log.warning("the run's store is unavailable (%s)", exc)
+        return None
     if store_identity(store)["attrs_sha256"] != _identity_sha(model):
         raise UserError(f"{path} is not the store {model.run} was trained from (attributes differ); "
                         "pass --cache with the run's store, or --data to rebuild the volumes from the sources")
@@ -130,7 +137,8 @@ def _identity_sha(model: RunModel) -> str:
     return str(json.loads((model.run / "store.json").read_text())["attrs_sha256"])
 
 
-def evaluation_cases(model: RunModel, split: str, cache: Path | None, data: Path | None) -> Iterator[EvalCase]:
+def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
+                     data: Path | None) -> Iterator[EvalCase]:
     """The split's cases one at a time (memory stays at one case), from the store or the sources.
 
     Raises:

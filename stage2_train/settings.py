@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dinomix_cache.store import as_location
 from stage2_train.pic import PicSettings
 
 PRESETS = ("paper", "cpu-small")
@@ -16,7 +17,9 @@ class TrainSettings:
     """Everything a training run depends on. Defaults are the paper's (``--preset paper``).
 
     Attributes:
-        cache: the feature store.
+        cache: the feature store: a ``.zarr`` folder, a ``.zip`` made by ``pack``, or an fsspec URL
+            (``https://``, ``s3://``, ...), normalised by :func:`~dinomix_cache.store.as_location`:
+            a :class:`Path` for local stores, a ``str`` for URLs (``Path()`` would turn ``//`` into ``/``).
         data: the dataset folder, only for a store made with ``--no-volumes`` (its cases are then
             preprocessed from the source files, which must be the recorded ones).
         out: the run folder (default ``runs/<store name>-<targets>-seed<seed>``).
@@ -50,7 +53,7 @@ class TrainSettings:
             two crops then stayed at 6 % Dice after 150 steps (22 % after 100 without it).
     """
 
-    cache: Path
+    cache: Path | str
     out: Path | None = None
     data: Path | None = None
     width: int = 32
@@ -81,6 +84,8 @@ class TrainSettings:
     crop_grid: str = "token"
 
     def __post_init__(self) -> None:
+        # Every reader of `cache` then sees one form, whether it came from the CLI (str), JSON or Path().
+        object.__setattr__(self, "cache", as_location(self.cache))
         if self.crop_grid not in CROP_GRIDS:
             raise ValueError(f"unknown crop grid {self.crop_grid!r}: use one of {', '.join(CROP_GRIDS)}")
 
@@ -88,12 +93,12 @@ class TrainSettings:
         """A copy with the run folder filled in."""
         if self.out is not None:
             return self
-        name = Path(self.cache).name.removesuffix(".zarr")
+        name = str(self.cache).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip").removesuffix(".zarr")
         mode = "labeled-only" if self.labeled_only else self.targets
         return replace(self, out=Path("runs") / f"{name}-{mode}-seed{self.seed}")
 
 
-def preset(name: str, cache: Path) -> TrainSettings:
+def preset(name: str, cache: Path | str) -> TrainSettings:
     """The named preset: ``paper`` (the paper's settings) or ``cpu-small`` (width 4, 32x64x64 crops,
     no dropout, 30 epochs of 8 iterations: 1.5-3 minutes on 2 CPU cores, for demos; not for accuracy)."""
     if name == "paper":
