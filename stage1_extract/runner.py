@@ -6,6 +6,11 @@ slices that span case boundaries (one stream per core on a CPU: :mod:`stage1_ext
 and one writer thread compresses and writes finished cases. A case is marked complete only after
 all its arrays are written, so a crash or a kill at any moment loses at most the cases in flight,
 and a rerun resumes.
+
+With ``workers`` or ``scheduler`` set, the cases run as tasks on a ``dask.distributed`` cluster
+instead (:mod:`stage1_extract.distributed`); everything else here (discovery, the lock, the group
+attributes, statistics) stays in this process. The single-case pieces both paths share are
+:func:`case_meta`, :func:`store_case` and :func:`case_batch_plan`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,19 +143,22 @@ def open_or_create_store(settings: ExtractSettings, meta: dict[str, Any]) -> Fea
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         if not is_store(out):
             raise UserError(f"{out} exists and is not a dinomix feature store; choose another --out")
-        store = FeatureStore.open(out, mode="r+")
-        problems = meta_mismatches(store.meta, meta)
+        # Compare read-only first: opening to write drops the consolidated metadata, and a refused
+        # store must stay byte-identical.
+        problems = meta_mismatches(FeatureStore.open(out).meta, meta)
         if problems:
             raise UserError(
                 f"{out} was made with other settings ({'; '.join(problems)}); refusing to append. "
                 "Use --overwrite to rebuild it, or another --out"
             )
-        return store
+        return FeatureStore.open(out, mode="r+")
     return FeatureStore.create(out, meta)
 
 
 @dataclass
-class _CaseInFlight:
+class CaseInFlight:
+    """A preprocessed case and its (D, h, w, C) float16 features, filled batch by batch."""
+
     case: PreprocessedCase
     source: CaseSource
     features: np.ndarray
@@ -157,17 +166,17 @@ class _CaseInFlight:
 
 def _batches(
     loaded: Iterator[tuple[CaseSource, PreprocessedCase]], batch_size: int, grid: tuple[int, int, int]
-) -> Iterator[tuple[list[tuple[_CaseInFlight, int, int]], list[_CaseInFlight]]]:
+) -> Iterator[tuple[list[tuple[CaseInFlight, int, int]], list[CaseInFlight]]]:
     """Yield (batch parts, cases finished once this batch is done), batches spanning cases.
 
     Each part is (case, start, stop): slices start:stop of that case. Every batch but the last
     holds exactly ``batch_size`` slices.
     """
-    parts: list[tuple[_CaseInFlight, int, int]] = []
+    parts: list[tuple[CaseInFlight, int, int]] = []
     count = 0
     for source, case in loaded:
         depth = case.image.shape[0]
-        state = _CaseInFlight(case, source, np.empty((depth, *grid), dtype=np.float16))
+        state = CaseInFlight(case, source, np.empty((depth, *grid), dtype=np.float16))
         start = 0
         while start < depth:
             take = min(batch_size - count, depth - start)
@@ -181,8 +190,42 @@ def _batches(
         yield parts, _finished(parts)
 
 
-def _finished(parts: list[tuple[_CaseInFlight, int, int]]) -> list[_CaseInFlight]:
+def _finished(parts: list[tuple[CaseInFlight, int, int]]) -> list[CaseInFlight]:
     return [state for state, _, stop in parts if stop == state.case.image.shape[0]]
+
+
+def case_batch_plan(offset: int, depth: int, total: int, batch_size: int) -> list[tuple[int, int, int, int]]:
+    """Where a case's slices sit in the batches of :func:`_batches`, for computing it alone.
+
+    The teacher's float32 output for a slice can differ in the last bit with the number of slices
+    in its batch (matrix kernels are chosen by shape; measured with random:vits16 on CPU), though
+    not with the other slices' content or its row. So a case computed alone is bit-identical to
+    the in-process pipeline only in batches of the pipeline's sizes, at the pipeline's rows, the
+    other rows padded.
+
+    Args:
+        offset: index of the case's first slice in the stream of all slices of the run's pending
+            cases, in order (case index × depth, since preprocessing gives every case one depth).
+        depth: the case's slices.
+        total: slices of all pending cases.
+        batch_size: the run's batch size.
+
+    Returns:
+        One (batch length, first row, start, stop) per batch touching the case: slices
+        ``start:stop`` of the case go to rows ``first row:first row + stop - start`` of a batch of
+        ``batch length`` slices.
+    """
+    if offset < 0 or offset + depth > total or batch_size < 1:
+        raise ValueError(f"case slices {offset}:{offset + depth} outside a stream of {total} (batch {batch_size})")
+    plan = []
+    start, end = offset, offset + depth
+    while start < end:
+        first = start - start % batch_size
+        length = min(batch_size, total - first)
+        stop = min(end, first + length)
+        plan.append((length, start - first, start - offset, stop - offset))
+        start = stop
+    return plan
 
 
 def _read_ahead(
@@ -204,7 +247,7 @@ def _read_ahead(
         yield source, future.result()
 
 
-def case_meta(state: _CaseInFlight, spec: DatasetSpec) -> dict[str, Any]:
+def case_meta(state: CaseInFlight, spec: DatasetSpec) -> dict[str, Any]:
     """Per-case provenance written with the case: source hashes, geometry, role, class voxels."""
     source = dict(state.case.source)
     for key in ("image", "label"):
@@ -216,6 +259,24 @@ def case_meta(state: _CaseInFlight, spec: DatasetSpec) -> dict[str, Any]:
         counts = np.bincount(state.case.label.ravel(), minlength=len(spec.class_names))
         meta["class_voxels"] = [int(v) for v in counts]
     return meta
+
+
+def store_case(store: FeatureStore, state: CaseInFlight, spec: DatasetSpec) -> str:
+    """Write a computed case (its volumes too if the store keeps them), marked complete last.
+
+    Only this case's arrays are written, so any number of writers may each write their own case.
+
+    Returns:
+        The case id.
+
+    Raises:
+        UserError: the write failed; the case stays incomplete.
+    """
+    case = state.case
+    volumes = store.storage.volumes
+    store.write_case(case.case_id, state.features, case.image if volumes else None,
+                     case.label if volumes else None, case_meta(state, spec))
+    return case.case_id
 
 
 def extract_cases(
@@ -237,23 +298,19 @@ def extract_cases(
     slice_hw = tuple(settings.preprocess.target_shape[1:])
     grid = (*teacher.grid_shape(slice_hw), teacher.hidden_size)
     num_classes = len(spec.class_names)
-    with_volumes = store.storage.volumes
 
     def load(source: CaseSource) -> PreprocessedCase:
         return load_case(source, settings.preprocess, num_classes)
 
-    def write(state: _CaseInFlight) -> str:
-        case = state.case
-        store.write_case(case.case_id, state.features, case.image if with_volumes else None,
-                         case.label if with_volumes else None, case_meta(state, spec))
-        return case.case_id
+    def write(state: CaseInFlight) -> str:
+        return store_case(store, state, spec)
 
     slices = 0
     start = time.perf_counter()
     writes: deque[Future[str]] = deque()
     # Readers run torch single-threaded (the setting is per thread), so their small ops do not
     # oversubscribe the cores the teacher streams run on.
-    with ThreadPoolExecutor(settings.workers, thread_name_prefix="read", initializer=torch.set_num_threads,
+    with ThreadPoolExecutor(settings.read_threads, thread_name_prefix="read", initializer=torch.set_num_threads,
                             initargs=(1,)) as readers, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
         try:
@@ -292,7 +349,8 @@ def extract_cases(
 
 
 def finalize_store(store: FeatureStore, spec: DatasetSpec) -> bool:
-    """Write statistics and per-case hashes into the group attributes once all cases are complete.
+    """Write statistics and per-case hashes into the group attributes once all cases are complete,
+    then consolidate the metadata (a later ``extract`` opening the store to write drops that copy).
 
     Returns:
         True if every case of the dataset is complete (the store is then marked complete).
@@ -317,21 +375,32 @@ def finalize_store(store: FeatureStore, spec: DatasetSpec) -> bool:
         store.write_class_voxels(totals)
         extraction["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     store.update_meta(dataset=dataset, extraction=extraction)
+    if all_complete:
+        store.consolidate()  # one request opens the finished store and all its cases (over HTTP too)
     return all_complete
 
 
-def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None) -> ExtractionReport:
+def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None,
+                   client: Any | None = None) -> ExtractionReport:
     """``dinomix-cache extract``: build or resume a feature store.
 
-    Order matters for "nothing written on bad input": the dataset is discovered and the teacher
-    loaded (both may fail) before the store is locked, opened or created.
+    Order matters for "nothing written on bad input": the dataset is discovered, the teacher
+    loaded and the cluster reached (all may fail) before the store is locked, opened or created.
+
+    Args:
+        settings: what to extract; ``workers`` / ``scheduler`` choose a dask cluster.
+        teacher: an already loaded teacher (else loaded from ``settings.teacher``). On a cluster
+            it only supplies the store's teacher identity; the workers load their own.
+        client: a connected ``distributed.Client`` to run the cases on, instead of the cluster
+            ``settings`` names (e.g. one cluster shared by several extractions).
 
     Raises:
-        UserError: bad data, a teacher that cannot be loaded, an incompatible or foreign store,
-            a store locked by another extraction, or a failed write.
+        UserError: bad data, a teacher that cannot be loaded, an unreachable cluster, an
+            incompatible or foreign store, a store locked by another extraction, or a failed write.
     """
     settings = settings.resolved()
     assert settings.out is not None
+    on_cluster = settings.distributed or client is not None
     spec = prepare_dataset(settings, progress=settings.progress)
     wanted = spec.cases
     if settings.cases:
@@ -341,24 +410,39 @@ def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None) ->
             raise UserError(f"--cases {' '.join(unknown)}: not in dataset {spec.name} at {spec.root}")
         wanted = tuple(c for c in spec.cases if c.case_id in settings.cases)
     if teacher is None:
-        teacher = load_teacher(settings.teacher)
+        # On a cluster the client needs the teacher's identity only (for the store's attributes):
+        # it loads it on the CPU and leaves the GPU to the workers; the requested device is recorded.
+        teacher = load_teacher(replace(settings.teacher, device="cpu") if on_cluster else settings.teacher)
+    else:
+        settings = replace(settings, teacher=teacher.settings)
     slice_hw = tuple(settings.preprocess.target_shape[1:])
     teacher.resolved_input_size(slice_hw)
-    settings = replace(settings, teacher=teacher.settings)
     meta = store_meta(settings, spec, teacher)
 
     report = ExtractionReport(store=settings.out)
-    with StoreLock(settings.out):
+    with ExitStack() as stack:
+        described = teacher.describe()
+        if on_cluster:
+            from stage1_extract import distributed as dist
+
+            if client is None:
+                client = stack.enter_context(dist.cluster_client(settings))
+            described = f"{described.rsplit(' on ', 1)[0]} on {dist.describe_cluster(client, settings)}"
+            dist.warm_up(client, settings, meta["teacher"])
+        stack.enter_context(StoreLock(settings.out))
         store = open_or_create_store(settings, meta)
         pending = [c for c in wanted if not store.is_complete(c.case_id)]
         report.skipped = [c.case_id for c in wanted if store.is_complete(c.case_id)]
-        log.info("teacher %s; store %s", teacher.describe(), settings.out)
+        log.info("teacher %s; store %s", described, settings.out)
         log.info("%d case(s) complete and skipped; extracting %d: %s", len(report.skipped), len(pending),
                  " ".join(c.case_id for c in pending) or "-")
         depth = settings.preprocess.target_shape[0]
-        with ExtractionProgress(len(pending), len(pending) * depth, teacher.describe(),
-                                enabled=settings.progress) as progress:
-            report.slices, report.seconds = extract_cases(store, teacher, spec, pending, settings, progress)
+        with ExtractionProgress(len(pending), len(pending) * depth, described, enabled=settings.progress) as progress:
+            if on_cluster:
+                report.slices, report.seconds = dist.extract_cases_distributed(
+                    client, spec, pending, settings, meta["teacher"], progress)
+            else:
+                report.slices, report.seconds = extract_cases(store, teacher, spec, pending, settings, progress)
         report.computed = [c.case_id for c in pending]
         report.complete = finalize_store(store, spec)
     return report

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dinomix_cache.datasets import SplitSettings
+from dinomix_cache.errors import UserError
 from dinomix_cache.phantom import PhantomSettings
 from dinomix_cache.preprocess import PreprocessSettings
 from dinomix_cache.store import StoreSettings
@@ -21,13 +22,24 @@ class ExtractSettings:
         data: dataset root; default ``data/<dataset>`` (the phantom is generated there).
         out: the store; default ``storage/<dataset>.zarr``.
         batch_size: slices per teacher forward; batches span case boundaries.
-        workers: threads reading and preprocessing cases while the teacher runs.
-        prefetch: cases read ahead of the teacher (memory: one volume each).
+        workers: 0 = extract in this process (the overlapped pipeline of
+            :mod:`stage1_extract.runner`); N > 0 = start a local ``dask.distributed`` cluster of
+            N worker processes, one case per task (:mod:`stage1_extract.distributed`).
+        scheduler: address of a running dask scheduler to use instead, e.g. ``tcp://head:8786``
+            (the workers must see ``data``, ``out`` and the teacher at the same paths). Excludes
+            ``workers``.
+        connect_timeout: seconds to wait for ``scheduler`` before giving up.
+        read_threads: threads reading and preprocessing cases while the teacher runs (in-process).
+        prefetch: cases read ahead of the teacher (in-process; memory: one volume each).
         teacher_streams: parallel teacher forwards; None = one single-threaded stream per core
-            on CPU, one stream on a GPU (see :mod:`stage1_extract.streams`).
+            on CPU, one stream on a GPU (see :mod:`stage1_extract.streams`). On a cluster: per
+            worker, whose cores are shared among the worker processes of its host.
         cases: only these case ids (the store still records the whole dataset).
         overwrite: delete an existing store at ``out`` first.
         progress: show a progress bar.
+
+    Raises:
+        UserError: ``workers`` negative, or both ``workers`` and ``scheduler`` given.
     """
 
     dataset: str = "phantom"
@@ -39,12 +51,31 @@ class ExtractSettings:
     storage: StoreSettings = field(default_factory=StoreSettings)
     phantom: PhantomSettings = field(default_factory=PhantomSettings)
     batch_size: int = 32
-    workers: int = 2
+    workers: int = 0
+    scheduler: str | None = None
+    connect_timeout: float = 10.0
+    read_threads: int = 2
     prefetch: int = 2
     teacher_streams: int | None = None
     cases: tuple[str, ...] | None = None
     overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise UserError(f"--workers {self.workers}: give 0 (extract in this process) or a number of processes")
+        if self.workers and self.scheduler:
+            raise UserError(f"--workers {self.workers} and --scheduler {self.scheduler} exclude each other: give "
+                            "--workers N for a local cluster or --scheduler ADDRESS to use a running one")
+        if self.scheduler is not None and not self.scheduler.strip():
+            raise UserError("--scheduler is empty: give an address like tcp://head:8786")
+        if self.read_threads < 1:
+            raise UserError(f"--read-threads {self.read_threads}: give 1 or more")
+
+    @property
+    def distributed(self) -> bool:
+        """True when cases run as dask tasks (``workers`` > 0 or a ``scheduler``)."""
+        return self.workers > 0 or self.scheduler is not None
 
     def resolved(self) -> ExtractSettings:
         """A copy with the default paths filled in."""

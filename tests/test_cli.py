@@ -168,7 +168,7 @@ def test_disk_full_mid_case_then_rerun_resumes(tmp_path, monkeypatch):
         return real_setitem(self, key, value)
 
     monkeypatch.setattr(zarr.Array, "__setitem__", fail_on_third_case)
-    result, _ = extract_msd(data, tmp_path / "s.zarr", "--workers", "1")
+    result, _ = extract_msd(data, tmp_path / "s.zarr", "--read-threads", "1")
     message = one_line_error(result)
     assert "no space left on device" in message and "incomplete" in message and "rerun" in message
     monkeypatch.undo()
