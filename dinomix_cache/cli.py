@@ -93,7 +93,8 @@ InputOpt = typer.Option(None, "--input-size", help="Teacher input per slice, H x
 DtypeOpt = typer.Option("float32", "--dtype", help="Teacher dtype: float32, bfloat16 or float16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 BatchOpt = typer.Option(32, "--batch-size", help="Slices per teacher forward (batches span cases).")
-WorkersOpt = typer.Option(2, "--workers", help="Threads reading and preprocessing the next cases.")
+ReadThreadsOpt = typer.Option(2, "--read-threads", help="In-process: threads reading and preprocessing the next "
+                              "cases while the teacher runs.")
 PhantomCasesOpt = typer.Option(None, "--phantom-cases", help="Phantom: number of cases (default the 30 "
                                "Synapse ids, so the shipped Synapse splits apply).")
 PhantomMatrixOpt = typer.Option(512, "--phantom-matrix", help="Phantom: in-plane voxels per side.")
@@ -109,7 +110,8 @@ def build_extract_settings(
     revision: str | None = None, input_size: str | None = None, dtype: str | None = None,
     device: str | None = None, labeled: str | None = None, split_dir: Path | None = None,
     split_seed: int | None = None, batch_size: int | None = None, workers: int | None = None,
-    cases: list[str] | None = None, overwrite: bool = False, volumes: bool | None = None,
+    scheduler: str | None = None, read_threads: int | None = None, cases: list[str] | None = None,
+    overwrite: bool = False, volumes: bool | None = None,
     compression: str | None = None, keepbits: int | None = None, chunk_slices: int | None = None,
     phantom_cases: int | None = None, phantom_matrix: int | None = None, progress: bool = True,
 ) -> Any:
@@ -134,7 +136,7 @@ def build_extract_settings(
                                        volumes=volumes)),
         phantom=PhantomSettings(case_ids=phantom_ids, **_given(matrix=phantom_matrix)),
         cases=tuple(cases) if cases else None, overwrite=overwrite, progress=progress,
-        **_given(batch_size=batch_size, workers=workers),
+        **_given(batch_size=batch_size, workers=workers, scheduler=scheduler, read_threads=read_threads),
     )
 
 
@@ -154,7 +156,15 @@ def extract(
     split_seed: int = SeedOpt,
     target_shape: str = ShapeOpt,
     batch_size: int = BatchOpt,
-    workers: int = WorkersOpt,
+    workers: int = typer.Option(
+        0, "--workers", help="0: extract in this process. N: start a local dask cluster of N worker processes, "
+        "one case per task (each process gets 1/N of the cores; with a CUDA teacher, the GPUs). The store is "
+        "the same, bit for bit (checked on CPU). On a CPU, one worker per core works best."),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="Use a running dask cluster instead, e.g. tcp://head:8786. Its workers must "
+        "see --data, --out and the teacher at the same paths; start them with --nthreads 1, and with "
+        "--resources GPU=1 (one worker per GPU) for a CUDA teacher. Excludes --workers."),
+    read_threads: int = ReadThreadsOpt,
     cases: list[str] | None = typer.Option(None, "--cases", help="Only these case ids (repeat the option)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete and rebuild an existing store."),
     volumes: bool = typer.Option(True, "--volumes/--no-volumes", help="Also store the preprocessed image and "
@@ -175,6 +185,7 @@ def extract(
     Resumes by default: complete cases are skipped, so an interrupted run is simply rerun.
     Refuses to append to a store made with another teacher, input size or preprocessing
     (--overwrite rebuilds it). Works offline on --dataset phantom with --teacher random:tiny.
+    Scale out with --workers N (local processes) or --scheduler ADDRESS (a dask cluster).
     """
     _setup_logging()
     from stage1_extract.runner import run_extraction
@@ -182,9 +193,10 @@ def extract(
     settings = build_extract_settings(
         dataset=dataset, data=data, out_path=out_path, teacher=teacher, revision=revision, input_size=input_size,
         dtype=dtype, device=device, labeled=labeled, split_dir=split_dir, split_seed=split_seed,
-        target_shape=target_shape, batch_size=batch_size, workers=workers, cases=cases, overwrite=overwrite,
-        volumes=volumes, compression=compression, keepbits=keepbits, chunk_slices=chunk_slices,
-        phantom_cases=phantom_cases, phantom_matrix=phantom_matrix, progress=progress)
+        target_shape=target_shape, batch_size=batch_size, workers=workers, scheduler=scheduler,
+        read_threads=read_threads, cases=cases, overwrite=overwrite, volumes=volumes, compression=compression,
+        keepbits=keepbits, chunk_slices=chunk_slices, phantom_cases=phantom_cases, phantom_matrix=phantom_matrix,
+        progress=progress)
     report = run_extraction(settings)
     state = "complete" if report.complete else "incomplete (some cases not extracted yet)"
     rate = f", {report.slices_per_s:.1f} slices/s" if report.slices else ""
@@ -196,8 +208,9 @@ def extract(
 @app.command()
 @user_errors
 def train(
-    cache: Path | None = typer.Option(None, "--cache", help="The feature store to train from (on --resume: only "
-                                      "if it moved; it must be the same store)."),
+    cache: str | None = typer.Option(None, "--cache", help="The feature store to train from: a .zarr folder, a .zip "
+                                     "made by pack, or a URL (https://, s3://, ...) (on --resume: only if it moved; "
+                                     "it must be the same store)."),
     out_path: Path | None = typer.Option(None, "--out", help="Run folder. Default runs/<store>-<targets>-seed<seed>."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder, only for a store made with --no-volumes "
                                      "(volumes are rebuilt from the recorded source files)."),
@@ -225,16 +238,27 @@ def train(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many iterations in total."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train the DINO-Mix student from a feature store (the teacher only where targets need it)."""
+    """Train the DINO-Mix student from a feature store (the teacher only where targets need it).
+
+    N GPUs (or CPU processes): torchrun --standalone --nproc-per-node N -m dinomix_cache train ...
+
+    Each process trains on its own 2 labeled + 2 unlabeled crops a step:
+    the effective batch is N x (2 + 2), an epoch has 1/N as many steps,
+    and the learning rate is not scaled. Rank 0 writes the run folder;
+    resume with the same N (--resume RUN under the same torchrun command).
+    """
     _setup_logging()
     from dataclasses import replace
 
     from stage2_train.settings import preset as make_preset
     from stage2_train.train import train as run_training
 
+    def done(run: Path) -> None:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once (rank 0 wrote the folder)
+            err.print(f"run {run}: progress.png, log.jsonl, latest.pt and best.pt", highlight=False, soft_wrap=True)
+
     if resume is not None:
-        run = run_training(None, resume=resume, max_steps=max_steps, epochs=epochs, cache=cache, progress=progress)
-        err.print(f"run {run}: progress.png, log.jsonl, latest.pt and best.pt", highlight=False, soft_wrap=True)
+        done(run_training(None, resume=resume, max_steps=max_steps, epochs=epochs, cache=cache, progress=progress))
         return
     if cache is None:
         raise UserError("pass --cache STORE (a store made by extract), or --resume RUN")
@@ -256,15 +280,15 @@ def train(
         raise UserError(f"--targets {targets}: choose online, cache or hybrid")
     if crop_grid not in ("token", "voxel"):
         raise UserError(f"--crop-grid {crop_grid}: choose token or voxel")
-    run = run_training(replace(settings, **changes), max_steps=max_steps, progress=progress)
-    err.print(f"run {run}: progress.png, log.jsonl, latest.pt and best.pt", highlight=False, soft_wrap=True)
+    done(run_training(replace(settings, **changes), max_steps=max_steps, progress=progress))
 
 
 # ------------------------------------------------------------------------------------ info / verify
 @app.command()
 @user_errors
 def info(
-    store: Path = typer.Argument(..., help="A feature store (.zarr folder)."),
+    store: str = typer.Argument(..., help="A feature store: a .zarr folder, a .zip made by pack, or a URL "
+                                "(https://, s3://, ...)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Show a store's teacher, preprocessing, dataset, cases by role, shapes and sizes."""
@@ -287,8 +311,8 @@ def info(
         ("cases complete/all", ", ".join(f"{r} {v['complete']}/{v['cases']}"
                                          for r, v in summary["cases_by_role"].items())),
         ("feature shape", "; ".join("x".join(str(v) for v in s) for s in summary["feature_shapes"]) or "-"),
-        ("bytes on disk", f"{b['total'] / 1e6:.2f} MB (features {b['features'] / 1e6:.2f} MB, "
-                          f"volumes {b['volumes'] / 1e6:.2f} MB)"),
+        ("bytes on disk", summary["bytes_note"] or f"{b['total'] / 1e6:.2f} MB (features {b['features'] / 1e6:.2f} "
+                          f"MB, volumes {b['volumes'] / 1e6:.2f} MB)"),
         ("feature bytes per slice", f"{per_slice / 1e3:.1f} kB" if per_slice else "-"),
         ("compression", summary["storage"]["compression"]),
         ("incomplete cases", " ".join(summary["incomplete_cases"]) or "none"),
@@ -309,7 +333,8 @@ def _split_summary(split: dict) -> str:
 @app.command()
 @user_errors
 def verify(
-    store: Path = typer.Argument(..., help="A feature store (.zarr folder)."),
+    store: str = typer.Argument(..., help="A feature store: a .zarr folder, a .zip made by pack, or a URL "
+                                "(https://, s3://, ...)."),
     data: Path | None = typer.Option(None, "--data", help="The dataset root the store was made from: "
                                      "re-hash every source file against the recorded sha256."),
 ) -> None:
@@ -329,6 +354,27 @@ def verify(
               f"{', sources match' if data else ''})", highlight=False, soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def pack(
+    store: str = typer.Argument(..., help="A complete feature store: a .zarr folder, a .zip or a URL."),
+    out_path: Path = typer.Argument(..., help="The zip file to write (OUT.zip)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT.zip."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Write a complete store into one .zip file, to hand over or serve as a single file.
+
+    Chunks are stored as they are (no second compression); metadata is consolidated into the root
+    zarr.json, so readers open any case without further requests. train, evaluate, info and verify
+    take the zip wherever they take a store; zarr reads it with zarr.storage.ZipStore. Refuses an
+    incomplete store; written to a temporary file, then renamed.
+    """
+    from dinomix_cache.pack import pack_store
+
+    written = pack_store(store, out_path, overwrite=overwrite, progress=progress)
+    out.print(f"{written}: {written.stat().st_size / 1e6:.2f} MB", highlight=False, soft_wrap=True)
+
+
 # ------------------------------------------------------------------------------------ bench
 @bench_app.command("extract")
 @user_errors
@@ -341,7 +387,7 @@ def bench_extract_cmd(
     device: str = DeviceOpt,
     target_shape: str = ShapeOpt,
     batch_size: int = BatchOpt,
-    workers: int = WorkersOpt,
+    read_threads: int = ReadThreadsOpt,
     max_cases: int = typer.Option(8, "--max-cases", help="Cases to run (the first ones)."),
     repeats: int = typer.Option(3, "--repeats", help="Measurement pairs; medians are reported."),
     phantom_cases: int | None = PhantomCasesOpt,
@@ -358,7 +404,7 @@ def bench_extract_cmd(
 
     settings = build_extract_settings(
         dataset=dataset, data=data, teacher=teacher, input_size=input_size, dtype=dtype, device=device,
-        target_shape=target_shape, batch_size=batch_size, workers=workers, phantom_cases=phantom_cases,
+        target_shape=target_shape, batch_size=batch_size, read_threads=read_threads, phantom_cases=phantom_cases,
         phantom_matrix=phantom_matrix, progress=not as_json)
     result = bench_extract(settings, max_cases=max_cases, repeats=repeats)
     if as_json:
@@ -371,7 +417,8 @@ def bench_extract_cmd(
 @bench_app.command("targets")
 @user_errors
 def bench_targets_cmd(
-    cache: Path = typer.Option(..., "--cache", help="The feature store (its teacher must be loadable)."),
+    cache: str = typer.Option(..., "--cache", help="The feature store (folder, .zip or URL; its teacher must be "
+                              "loadable)."),
     preset: str = typer.Option("cpu-small", "--preset", help="Training settings: cpu-small or paper."),
     steps: int = typer.Option(5, "--steps", help="Timed iterations per policy (after one warm-up)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for every policy)."),

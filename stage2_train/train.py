@@ -14,6 +14,7 @@ import torch
 from dinomix_cache.errors import UserError
 from dinomix_cache.store import FeatureStore
 from dinomix_cache.teacher import Teacher, TeacherSettings, load_teacher
+from stage2_train.distributed import Distributed, checkpoint_payload, from_environment, restore_state
 from stage2_train.pic import PicSettings
 from stage2_train.run_folder import RunFolder, store_identity
 from stage2_train.sampling import VolumeCache, center_crop
@@ -119,23 +120,38 @@ def train(settings: TrainSettings | None, resume: Path | None = None, max_steps:
         cache: on resume, the store if it moved (it must be the same store: attributes are compared).
         progress: show a progress bar (epoch, step, loss, step time, ETA).
 
+    Under ``torchrun --nproc-per-node N`` (N > 1) the N processes train one run with
+    ``DistributedDataParallel`` (``stage2_train/distributed.py``): each runs the paper's 2 labeled +
+    2 unlabeled crops a step, so the effective batch is N x (2 + 2) and an epoch has 1/N as many steps;
+    the learning rate is not scaled. Rank 0 writes the run folder; resume with the same N.
+
     Raises:
-        UserError: bad store, crop, teacher, or a resume from another store.
+        UserError: bad store, crop, teacher, a resume from another store or with another number of
+            processes, or too few cases for N processes.
     """
+    with from_environment() as context:
+        return _train(context, settings, resume, max_steps, epochs, cache, progress)
+
+
+def _train(context: Distributed, settings: TrainSettings | None, resume: Path | None, max_steps: int | None,
+           epochs: int | None, cache: Path | None, progress: bool) -> Path:
+    """:func:`train` in this process's place of the job (every rank runs it; rank 0 writes)."""
     if resume is not None:
         folder = RunFolder(resume)
         settings = settings_from_json(folder.settings())
         if cache is not None:
             settings = replace(settings, cache=Path(cache))
         if epochs is not None and epochs != settings.epochs:
-            log.info("E_max %d -> %d: the poly schedule is stretched over the new length", settings.epochs, epochs)
+            if context.is_main:
+                log.info("E_max %d -> %d: the poly schedule is stretched over the new length", settings.epochs,
+                         epochs)
             settings = replace(settings, epochs=epochs)
     else:
         if settings is None:
             raise UserError("no settings for a new run: pass --cache STORE")
         settings = settings.resolved()
         folder = RunFolder(settings.out)  # type: ignore[arg-type]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = context.device
     store = open_training_store(settings)
     identity = store_identity(store)
     if resume is not None:
@@ -150,40 +166,54 @@ def train(settings: TrainSettings | None, resume: Path | None = None, max_steps:
     roles = store.roles()
     cases = store.complete_cases()
     volumes = VolumeCache(store, cases, with_labels=True, data=settings.data)
-    iteration = DinoMixIteration(settings, store, volumes, load_policy(settings, store, volumes), device)
+    iteration = DinoMixIteration(settings, store, volumes, load_policy(settings, store, volumes), device, context)
     if resume is not None:
         checkpoint = folder.load_checkpoint("latest")
         iteration.load_state_dicts(checkpoint["networks"])
-        state = TrainState.from_dict(checkpoint["state"])
-        folder.truncate_log(state.step)
+        state = restore_state(context, checkpoint, resume)
+        context.run_on_main(lambda: folder.truncate_log(state.step))
     else:
-        folder.create(settings_to_json(settings), identity)
-        state = TrainState.seeded(settings.seed)
+        context.run_on_main(lambda: folder.create(settings_to_json(settings), identity))
+        state = TrainState.seeded(settings.seed, context.rank, context.world_size)
     eval_ids = [c for c in cases if roles[c] == "eval"]
     per_epoch = iteration.sampler.iterations_per_epoch()
     total_steps = settings.epochs * per_epoch
     stop = min(total_steps, max_steps) if max_steps is not None else total_steps
-    log.info("run %s: %d iterations per epoch, %d epochs, targets %s", folder.path, per_epoch, settings.epochs,
-             "none" if iteration.policy is None else settings.targets)
-    bar = TrainProgress(stop, state.step, enabled=progress)
+    if context.is_main:
+        log.info("run %s: %d iterations per epoch, %d epochs, targets %s", folder.path, per_epoch, settings.epochs,
+                 "none" if iteration.policy is None else settings.targets)
+    bar = TrainProgress(stop, state.step, enabled=progress and context.is_main)
     while state.step < stop:
         start = time.perf_counter()
-        record = iteration.step(state)
-        bar.update(state, record, time.perf_counter() - start)
-        folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
-                    "seconds": round(time.perf_counter() - start, 4), **record})
+        record = context.mean_record(iteration.step(state))
+        if context.is_main:
+            bar.update(state, record, time.perf_counter() - start)
+            folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
+                        "seconds": round(time.perf_counter() - start, 4), **record})
         if state.iteration == 0:  # an epoch just ended
-            dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
-            folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
-                        "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class]})
+            dice = float("nan")
+            if context.is_main:
+                dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
+                folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
+                            "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class]})
+            dice = context.broadcast_float(dice)  # the other ranks wait here, then update best_dice alike
             if dice > state.best_dice:
                 state.best_dice = dice
-                folder.save_checkpoint("best", {"networks": iteration.state_dicts(), "state": state.to_dict()})
+                save_checkpoint(context, folder, "best", iteration, state)
         if state.step % settings.checkpoint_every == 0 or state.step == stop:
-            folder.save_checkpoint("latest", {"networks": iteration.state_dicts(), "state": state.to_dict()})
+            save_checkpoint(context, folder, "latest", iteration, state)
     bar.close()
-    folder.plot()
+    if context.is_main:
+        folder.plot()
     return folder.path
+
+
+def save_checkpoint(context: Distributed, folder: RunFolder, name: str, iteration: DinoMixIteration,
+                    state: TrainState) -> None:
+    """Write ``name.pt`` on rank 0 (with every rank's generators when distributed). Collective."""
+    payload = checkpoint_payload(context, iteration.state_dicts(), state)
+    if payload is not None:
+        folder.save_checkpoint(name, payload)
 
 
 class TrainProgress:
@@ -215,7 +245,7 @@ def settings_to_json(settings: TrainSettings) -> dict:
 def settings_from_json(data: dict) -> TrainSettings:
     """The inverse of :func:`settings_to_json` (tuples and paths restored)."""
     data = dict(data)
-    data["cache"] = Path(data["cache"])
+    # `cache` stays as saved: TrainSettings makes a local store a Path and keeps a URL a str.
     data["out"] = Path(data["out"]) if data.get("out") else None
     data["data"] = Path(data["data"]) if data.get("data") else None
     data["crop"] = tuple(data["crop"])

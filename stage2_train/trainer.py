@@ -7,7 +7,8 @@ each unlabeled crop → one student forward on [labeled, x_mix] →
 
 Every random draw comes from generators held in :class:`TrainState` (numpy for crops, plans and
 PIC; torch for gamma, aux masks and dropout), saved in checkpoints, so K iterations straight and
-K/2 + resume + K/2 give identical weights.
+K/2 + resume + K/2 give identical weights. Under ``torchrun`` each rank trains on its share of every
+iteration's cases with its own generators (``stage2_train/distributed.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store import FeatureStore
+from stage2_train.distributed import Distributed, rank_share
 from stage2_train.losses import (
     MaskedSegLoss,
     SegLoss,
@@ -39,7 +41,12 @@ from stage2_train.targets import MixedCrop, TargetPolicy, token_pixels
 
 @dataclass
 class TrainState:
-    """Everything that changes during training (what a checkpoint holds, besides the networks)."""
+    """Everything that changes during training (what a checkpoint holds, besides the networks).
+
+    ``plan_rng`` draws the epoch plans in a distributed run (seeded alike on every rank, so that all
+    ranks agree on the plan while ``np_rng`` crops differently on each); None alone, where ``np_rng``
+    draws the plans too.
+    """
 
     epoch: int = 0
     iteration: int = 0                     # within the epoch
@@ -48,17 +55,33 @@ class TrainState:
     np_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     torch_gen: torch.Generator = field(default_factory=torch.Generator)
     best_dice: float = -1.0
+    plan_rng: np.random.Generator | None = None
 
     @classmethod
-    def seeded(cls, seed: int) -> TrainState:
-        gen = torch.Generator().manual_seed(seed)
-        return cls(np_rng=np.random.default_rng(seed), torch_gen=gen)
+    def seeded(cls, seed: int, rank: int = 0, world_size: int = 1) -> TrainState:
+        """The state at step 0. With ``world_size`` > 1, rank ``rank``'s: the shared plan generator
+        seeded with ``seed``, the others (and torch's global generator, for dropout) from
+        ``SeedSequence(seed, spawn_key=(rank,))``, so that ranks draw different crops reproducibly."""
+        if world_size == 1:
+            gen = torch.Generator().manual_seed(seed)
+            return cls(np_rng=np.random.default_rng(seed), torch_gen=gen)
+        crops, gamma, dropout = np.random.SeedSequence(seed, spawn_key=(rank,)).spawn(3)
+        torch.manual_seed(int(dropout.generate_state(1, np.uint64)[0]))
+        gen = torch.Generator().manual_seed(int(gamma.generate_state(1, np.uint64)[0]))
+        return cls(np_rng=np.random.default_rng(crops), torch_gen=gen, plan_rng=np.random.default_rng(seed))
+
+    def rng_state(self) -> dict[str, Any]:
+        """This process's own generator states (those that differ between ranks)."""
+        return {"np_rng": self.np_rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
+                "torch_global": torch.get_rng_state()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "iteration": self.iteration, "step": self.step,
+        data = {"epoch": self.epoch, "iteration": self.iteration, "step": self.step,
                 "plan": [[list(a), list(b)] for a, b in self.plan], "best_dice": self.best_dice,
-                "np_rng": self.np_rng.bit_generator.state, "torch_gen": self.torch_gen.get_state(),
-                "torch_global": torch.get_rng_state()}
+                **self.rng_state()}
+        if self.plan_rng is not None:
+            data["plan_rng"] = self.plan_rng.bit_generator.state
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
@@ -70,8 +93,12 @@ class TrainState:
         gen.set_state(data["torch_gen"])
         torch.set_rng_state(data["torch_global"])
         plan = [(list(a), list(b)) for a, b in data["plan"]]
+        plan_rng = None
+        if data.get("plan_rng") is not None:
+            plan_rng = np.random.default_rng()
+            plan_rng.bit_generator.state = data["plan_rng"]
         return cls(epoch=data["epoch"], iteration=data["iteration"], step=data["step"], plan=plan,
-                   np_rng=rng, torch_gen=gen, best_dice=data["best_dice"])
+                   np_rng=rng, torch_gen=gen, best_dice=data["best_dice"], plan_rng=plan_rng)
 
 
 def box_of(mask: torch.Tensor) -> tuple[slice, slice, slice] | None:
@@ -84,12 +111,23 @@ def box_of(mask: torch.Tensor) -> tuple[slice, slice, slice] | None:
 
 
 class DinoMixIteration:
-    """Runs iterations of DINO-Mix on a store's cases. Holds the networks, losses and optimiser."""
+    """Runs iterations of DINO-Mix on a store's cases. Holds the networks, losses and optimiser.
+
+    With a distributed ``context`` (``world_size`` N > 1) the sampler plans iterations of N times the
+    crops, each rank trains on its block (:meth:`step`), ``network`` is the student in
+    ``DistributedDataParallel`` and BatchNorm statistics are averaged over the ranks before the EMA
+    update. ``student`` is always the bare network (EMA, checkpoints, validation).
+
+    Raises:
+        UserError: too few cases for one iteration (of all ranks).
+    """
 
     def __init__(self, settings: TrainSettings, store: FeatureStore, volumes: VolumeCache,
-                 policy: TargetPolicy | None, device: torch.device) -> None:
+                 policy: TargetPolicy | None, device: torch.device, context: Distributed | None = None) -> None:
         self.settings = settings
         self.device = device
+        self.context = context if context is not None and context.enabled else None
+        self.rank, world = (self.context.rank, self.context.world_size) if self.context else (0, 1)
         all_roles = store.roles()
         roles = {cid: all_roles[cid] for cid in store.complete_cases()}
         self.labeled = sorted(c for c, r in roles.items() if r == "labeled")
@@ -97,9 +135,15 @@ class DinoMixIteration:
         # so that it is compared with DINO-Mix at the same number of steps; it ignores their images.
         self.unlabeled = sorted(c for c, r in roles.items() if r == "unlabeled")
         try:
-            self.sampler = IterationSampler(self.labeled, self.unlabeled, settings.n_labeled, settings.n_unlabeled)
+            self.sampler = IterationSampler(self.labeled, self.unlabeled, settings.n_labeled * world,
+                                            settings.n_unlabeled * world)
         except ValueError as exc:  # e.g. fewer unlabeled cases than one iteration needs
-            raise UserError(f"{store.path}: {exc}") from None
+            if world == 1:
+                raise UserError(f"{store.path}: {exc}") from None
+            pool, kind, n = ((self.unlabeled, "unlabeled", settings.n_unlabeled) if self.unlabeled
+                             else (self.labeled, "labeled", settings.n_labeled))
+            raise UserError(f"{store.path}: {len(pool)} {kind} case(s) are too few for {world} processes "
+                            f"({n} per process, {n * world} a step); run fewer processes") from None
         self.volumes = volumes
         self.policy = policy
         counts = store.class_voxels()
@@ -113,9 +157,24 @@ class DinoMixIteration:
         self.ema = EmaTeacher(self.student)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=settings.lr, momentum=settings.momentum,
                                          weight_decay=settings.weight_decay, nesterov=settings.nesterov)
+        self.network: Callable[[torch.Tensor], StudentOutput] = self.student
+        if self.context is not None:
+            self.network = self.context.wrap(self.student, self.unused_modules())
         self.crop_grid = (1.0, *token_pixels(store)) if settings.crop_grid == "token" else (1.0, 1.0, 1.0)
         self.seg_loss = SegLoss()
         self.aux_loss = MaskedSegLoss(mode=settings.aux_mode)
+
+    def unused_modules(self) -> list[torch.nn.Module]:
+        """Submodules no loss of this run reaches: the projector without distillation, the aux head
+        with ``aux`` off. (They still run forward; they get no gradient.)"""
+        unused: list[torch.nn.Module] = []
+        s = self.settings
+        # The same condition as the distillation branch of step (no unlabeled cases: the supervised branch).
+        if not (self.unlabeled and not s.labeled_only and s.fkd and self.policy is not None):
+            unused.append(self.student.projector)
+        if not s.aux:
+            unused.append(self.student.vnet.aux_head)
+        return unused
 
     def learning_rate(self, epoch: int) -> float:
         """Poly decay per epoch: lr · (1 - E/E_max)^0.9."""
@@ -142,13 +201,17 @@ class DinoMixIteration:
         return torch.stack([self.volumes.crop_label(c) for c in crops]).to(self.device)
 
     def step(self, state: TrainState) -> dict[str, float]:
-        """One iteration; advances ``state`` (plan, counters, generators). Returns the loss terms."""
+        """One iteration; advances ``state`` (plan, counters, generators). Returns this rank's loss terms.
+
+        Distributed, every rank holds the same plan (of N x n cases an iteration) and trains on block
+        ``rank`` of it; gradients are all-reduced in ``backward``. Collective then.
+        """
         s = self.settings
         if state.iteration == 0 or not state.plan:
-            state.plan = self.sampler.epoch(state.np_rng)
+            state.plan = self.sampler.epoch(state.np_rng if state.plan_rng is None else state.plan_rng)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(state.epoch)
-        labeled_ids, unlabeled_ids = state.plan[state.iteration]
+        labeled_ids, unlabeled_ids = rank_share(state.plan[state.iteration], self.rank, s.n_labeled, s.n_unlabeled)
         lab_crops = self._crops(labeled_ids, state)
         x_l, y_l = self._images(lab_crops), self._labels(lab_crops)
         self.student.train()
@@ -163,7 +226,7 @@ class DinoMixIteration:
             x_strong = random_gamma(x_u, s.gamma_range, generator=state.torch_gen)
             x_mix, y_mix, boxes, _ = pic_batch(x_l, y_l, x_strong, y_u, self.class_voxels, state.epoch, s.epochs,
                                                s.pic, state.np_rng)
-            out = self.forward(self.student, torch.cat([x_l, x_mix]))
+            out = self.forward(self.network, torch.cat([x_l, x_mix]))
             n = len(lab_crops)
             logits_mix, aux_mix = out.logits[n:], out.aux_logits[n:]
             terms["unsup"] = self.seg_loss(logits_mix, y_mix, weight_mask=boxes | confident)
@@ -178,7 +241,7 @@ class DinoMixIteration:
                 target, recomputed = self.policy.targets(items)
                 terms["distill"] = distillation_loss(out.projected[n:], target.to(self.device))
         else:
-            out = self.forward(self.student, x_l)
+            out = self.forward(self.network, x_l)
             n = len(lab_crops)
         terms["sup"] = self.seg_loss(out.logits[:n], y_l)
         if s.aux:
@@ -189,6 +252,8 @@ class DinoMixIteration:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
+        if self.context is not None:
+            self.context.average_buffers(self.student)  # per-rank BatchNorm statistics → one EMA teacher
         self.ema.update(self.student, s.ema_decay)
         state.step += 1
         state.iteration += 1
