@@ -30,8 +30,9 @@ import numpy as np
 from dinomix_cache.classes import class_abbreviations
 from dinomix_cache.datasets import CaseSource, scan_case_files
 from dinomix_cache.errors import UserError
+from dinomix_cache.locations import as_location
 from dinomix_cache.source_volumes import load_source_case
-from dinomix_cache.store import FeatureStore, as_location
+from dinomix_cache.store import FeatureStore
 from stage2_train.figures import dice_bar_chart, qualitative_figure
 from stage2_train.inference import DEFAULT_STRIDE, InferenceSettings, RunModel, load_run_model
 from stage2_train.metrics import CaseMetrics, case_metrics, mean_std_over_runs, summarize

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dinomix_cache.store import as_location
+from dinomix_cache.locations import as_location
 from stage2_train.pic import PicSettings
 
 PRESETS = ("paper", "cpu-small")

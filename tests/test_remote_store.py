@@ -27,9 +27,10 @@ from typer.testing import CliRunner
 from dinomix_cache.cli import app
 from dinomix_cache.errors import UserError
 from dinomix_cache.inspection import verify_store
+from dinomix_cache.locations import as_location
 from dinomix_cache.pack import pack_store
 from dinomix_cache.preprocess import PreprocessSettings
-from dinomix_cache.store import FeatureStore, as_location
+from dinomix_cache.store import FeatureStore
 from stage1_extract.runner import run_extraction
 from stage2_train.evaluate import EvaluateSettings, evaluate
 from stage2_train.run_folder import RunFolder
