@@ -183,9 +183,11 @@ def _train(context: Distributed, settings: TrainSettings | None, resume: Path | 
         log.info("run %s: %d iterations per epoch, %d epochs, targets %s", folder.path, per_epoch, settings.epochs,
                  "none" if iteration.policy is None else settings.targets)
     bar = TrainProgress(stop, state.step, enabled=progress and context.is_main)
+    recomputed: list[float] = []  # this epoch's (since the start or the resume point)
     while state.step < stop:
         start = time.perf_counter()
         record = context.mean_record(iteration.step(state))
+        recomputed.append(record.get("recomputed", 0.0))
         if context.is_main:
             bar.update(state, record, time.perf_counter() - start)
             folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
@@ -195,7 +197,9 @@ def _train(context: Distributed, settings: TrainSettings | None, resume: Path | 
             if context.is_main:
                 dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
                 folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
-                            "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class]})
+                            "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class],
+                            "recomputed": round(float(np.mean(recomputed)), 4)})
+            recomputed.clear()
             dice = context.broadcast_float(dice)  # the other ranks wait here, then update best_dice alike
             if dice > state.best_dice:
                 state.best_dice = dice

@@ -60,7 +60,8 @@ def test_run_folder_holds_settings_log_checkpoints_and_plot(train_store, tmp_pat
     for term in ("sup", "sup_aux", "unsup", "unsup_aux", "distill", "total", "lr", "recomputed"):
         assert term in step, term
     assert 0.0 < step["recomputed"] < 1.0  # hybrid: only the slices holding the pasted box
-    assert any(r["kind"] == "epoch" for r in records)
+    epoch = next(r for r in records if r["kind"] == "epoch")
+    assert 0.0 < epoch["recomputed"] < 1.0 and len(epoch["val_dice_per_class"]) == 13
     for name in ("latest.pt", "best.pt", "progress.png"):
         assert (run / name).exists(), name
 
