@@ -32,8 +32,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal's width
 )
-bench_app = typer.Typer(help="Measured speed (see the README's performance section).", no_args_is_help=True)
+bench_app = typer.Typer(help="Measured speed (see the README's performance section).", no_args_is_help=True,
+                        rich_markup_mode="markdown")
 app.add_typer(bench_app, name="bench")
 
 
@@ -77,7 +79,7 @@ def parse_shape(text: str, dims: int, what: str) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------ extract
 DatasetOpt = typer.Option("phantom", "--dataset", help="phantom (built-in, offline), synapse, amos or msd.")
-DataOpt = typer.Option(None, "--data", help="Dataset root. Default data/<dataset>; the phantom is generated "
+DataOpt = typer.Option(None, "--data", help="Dataset root. Default data/DATASET; the phantom is generated "
                        "there on first use.")
 TeacherOpt = typer.Option(
     "facebook/dinov3-vits16-pretrain-lvd1689m", "--teacher",
@@ -145,7 +147,7 @@ def build_extract_settings(
 def extract(
     dataset: str = DatasetOpt,
     data: Path | None = DataOpt,
-    out_path: Path | None = typer.Option(None, "--out", help="Store path. Default storage/<dataset>.zarr."),
+    out_path: Path | None = typer.Option(None, "--out", help="Store path. Default storage/DATASET.zarr."),
     teacher: str = TeacherOpt,
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     input_size: str | None = InputOpt,
@@ -211,7 +213,7 @@ def train(
     cache: str | None = typer.Option(None, "--cache", help="The feature store to train from: a .zarr folder, a .zip "
                                      "made by pack, or a URL (https://, s3://, ...) (on --resume: only if it moved; "
                                      "it must be the same store)."),
-    out_path: Path | None = typer.Option(None, "--out", help="Run folder. Default runs/<store>-<targets>-seed<seed>."),
+    out_path: Path | None = typer.Option(None, "--out", help="Run folder. Default runs/STORE-TARGETS-seedSEED."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder, only for a store made with --no-volumes "
                                      "(volumes are rebuilt from the recorded source files)."),
     preset: str = typer.Option("paper", "--preset", help="paper (the paper's settings) or cpu-small (width 4, "

@@ -23,8 +23,8 @@ BatchOpt = typer.Option(4, "--sw-batch-size", help="Windows per forward pass (mo
 def evaluate(
     run: list[Path] = typer.Option(..., "--run", help="A run folder; repeat for several seeds (mean ± std)."),
     split: str = typer.Option("test", "--split", help="test (default) or eval."),
-    out_path: Path | None = typer.Option(None, "--out", help="Evaluation folder. Default RUN/evaluation-<split> "
-                                         "(several runs: their parent folder/evaluation-<split>)."),
+    out_path: Path | None = typer.Option(None, "--out", help="Evaluation folder. Default RUN/evaluation-SPLIT "
+                                         "(several runs: their parent folder/evaluation-SPLIT)."),
     cache: str | None = typer.Option(None, "--cache", help="The run's store (folder, .zip or URL), if it moved since "
                                      "training."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder: rebuilds the volumes if the store is "
