@@ -422,7 +422,7 @@ def bench_targets_cmd(
     cache: str = typer.Option(..., "--cache", help="The feature store (folder, .zip or URL; its teacher must be "
                               "loadable)."),
     preset: str = typer.Option("cpu-small", "--preset", help="Training settings: cpu-small or paper."),
-    steps: int = typer.Option(5, "--steps", help="Timed iterations per policy (after one warm-up)."),
+    steps: int = typer.Option(20, "--steps", help="Timed iterations per policy, interleaved (after 3 warm-up rounds)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for every policy)."),
     crop_grid: str = typer.Option("token", "--crop-grid", help="In-plane crop offsets: token or voxel (see train)."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
@@ -439,7 +439,7 @@ def bench_targets_cmd(
         settings = replace(make_preset(preset, cache), seed=seed, crop_grid=crop_grid)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    result = bench_targets(settings, steps=steps)
+    result = bench_targets(settings, steps=steps, warmup=3)
     if as_json:
         print(json.dumps(result))
     else:

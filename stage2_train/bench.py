@@ -1,9 +1,10 @@
 """``bench targets``: what each distillation target policy costs and how close it is to ``online``.
 
 For ``no_fkd``, ``online``, ``cache`` and ``hybrid``, the same seeded training iterations are run
-(the crops and PIC boxes do not depend on the policy, so every policy sees the same batches) and
-the median step time is taken after a warm-up. The targets each policy produced are then compared,
-untimed, with ``online`` targets for the very same mixed crops: mean cosine per student cell.
+(the crops and PIC boxes do not depend on the policy, so every policy sees the same batches),
+interleaved one step of each mode at a time, and the median step time is taken after a warm-up.
+The targets each policy produced are then compared, untimed, with ``online`` targets for the very
+same mixed crops: mean cosine per student cell.
 """
 
 from __future__ import annotations
@@ -43,25 +44,31 @@ def bench_targets(settings: TrainSettings, steps: int = 5, warmup: int = 1) -> d
     Args:
         settings: training settings (preset, crop, width); ``targets`` and ``fkd`` are set per mode.
         steps: timed iterations per mode (after ``warmup`` untimed ones).
+        warmup: untimed iterations per mode (the first fills the feature memory of ``cache``).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = open_training_store(settings)
     volumes = VolumeCache(store, store.complete_cases(), with_labels=True, data=settings.data)
     teacher = load_store_teacher(store, "online")
     reference = make_policy("online", store, volumes, teacher)
-    result: dict[str, dict[str, float]] = {}
+    runs: dict[str, tuple[DinoMixIteration, TrainState, _Recorder | None]] = {}
     for mode in MODES:
         run = replace(settings, fkd=mode != "no_fkd", targets=settings.targets if mode == "no_fkd" else mode)
         policy = None if mode == "no_fkd" else _Recorder(
             make_policy(mode, store, volumes, None if mode == "cache" else teacher))
-        iteration = DinoMixIteration(run, store, volumes, policy, device)  # type: ignore[arg-type]
-        state = TrainState.seeded(settings.seed)
-        times = []
-        for _ in range(warmup + steps):
+        runs[mode] = (DinoMixIteration(run, store, volumes, policy, device),  # type: ignore[arg-type]
+                      TrainState.seeded(settings.seed), policy)
+    # Round robin, one step of each mode per round: the machine's drift (±10 % over minutes here)
+    # then weighs on every mode alike instead of on whichever ran last.
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(warmup + steps):
+        for mode, (iteration, state, _) in runs.items():
             start = time.perf_counter()
             iteration.step(state)
-            times.append(time.perf_counter() - start)
-        entry = {"step_s": round(statistics.median(times[warmup:]), 4)}
+            times[mode].append(time.perf_counter() - start)
+    result: dict[str, dict[str, float]] = {}
+    for mode, (_, _, policy) in runs.items():
+        entry = {"step_s": round(statistics.median(times[mode][warmup:]), 4)}
         if policy is not None:
             cosines = [cosine_fidelity(out, reference.targets(items)[0]) for items, out, _ in policy.calls]
             entry["cosine"] = round(sum(cosines) / len(cosines), 4)
