@@ -115,7 +115,8 @@ class RunFolder:
                     by_epoch.setdefault(r["epoch"], []).append(r[term])
             xs = sorted(by_epoch)
             ax_loss.plot(xs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in xs], label=term)
-        ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="training losses")
+        # log scale: the distillation term (about 0.01) would otherwise sit flat on zero
+        ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean, log scale)", title="training losses", yscale="log")
         ax_loss.legend(fontsize=8)
         if epochs:
             ax_dice.plot([r["epoch"] for r in epochs], [100 * r["val_dice"] for r in epochs], marker="o")
