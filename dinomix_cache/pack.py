@@ -25,6 +25,7 @@ from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 from zarr.storage import MemoryStore
 
+from dinomix_cache.atomic import atomic_path
 from dinomix_cache.errors import UserError
 from dinomix_cache.store import FeatureStore
 
@@ -72,12 +73,8 @@ def pack_store(store: FeatureStore | Path | str, out: Path | str, overwrite: boo
                   for rel, node in nodes if isinstance(node, zarr.Array)
                   for coords in itertools.product(*(range(n) for n in node.cdata_shape))]
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(out) as tmp:
             _write_zip(tmp, source, metadata, chunks, progress)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
     finally:
         if source is not store:
             source.close()

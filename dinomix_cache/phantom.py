@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import struct
 import zlib
@@ -37,6 +36,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from dinomix_cache.atomic import write_atomic
 from dinomix_cache.classes import SYNAPSE_CASE_IDS, SYNAPSE_CLASSES
 from dinomix_cache.errors import UserError
 from dinomix_cache.phantom_anatomy import (
@@ -269,15 +269,6 @@ def _gzip(raw: bytes) -> bytes:
     return header + zlib.compress(raw, 1, wbits=-15) + trailer
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
     """Write ``data`` as a gzipped NIfTI-1 with qform = sform = affine (scanner); returns its sha256."""
     img = nib.Nifti1Image(data, affine)
@@ -287,7 +278,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
     img.set_sform(affine, code=1)
     img.header["descrip"] = f"dinomix phantom v{PHANTOM_VERSION}".encode()
     blob = _gzip(img.to_bytes())
-    _write_atomic(path, blob)
+    write_atomic(path, blob)
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -341,7 +332,7 @@ def generate_phantom(root: Path, settings: PhantomSettings = PhantomSettings(), 
         cases = _write_cases(root, settings, progress)
         record = {**wanted, "generator": "dinomix_cache.phantom", "classes": list(SYNAPSE_CLASSES),
                   "zlib": zlib.ZLIB_RUNTIME_VERSION, "cases": cases}
-        _write_atomic(meta, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(meta, json.dumps(record, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write the phantom under {root}: {exc}") from exc
     return root

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from dinomix_cache.atomic import atomic_path, write_atomic
 from dinomix_cache.classes import class_abbreviations
 from dinomix_cache.datasets import CaseSource, scan_case_files
 from dinomix_cache.errors import UserError
@@ -242,12 +242,6 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     return result
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
@@ -293,10 +287,9 @@ def _write_outputs(settings: EvaluateSettings, result: dict[str, Any],
                    shown: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None) -> None:
     out = Path(settings.out)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "results.json", json.dumps(result, indent=1))
-    _atomic_text(out / "results.md", results_markdown(result))
-    tmp = out / ".cases.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    write_atomic(out / "results.json", json.dumps(result, indent=1))
+    write_atomic(out / "results.md", results_markdown(result))
+    with atomic_path(out / "cases.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["run", "case", "class", "label", "dice_percent", "asd_voxels", "asd_mm"])
         for r in result["runs"]:
@@ -305,7 +298,6 @@ def _write_outputs(settings: EvaluateSettings, result: dict[str, Any],
                 for k, (name, label) in enumerate(zip(result["class_names"], result["class_labels"], strict=True)):
                     writer.writerow([Path(r["run"]).name, case["case"], name, label, case["voxel"]["dice"][k],
                                      case["voxel"]["asd"][k], "" if mm is None else mm["asd"][k]])
-    os.replace(tmp, out / "cases.csv")
     if not settings.figures:
         return
     dice = np.array([[np.nan if v is None else v for v in r["summary"]["dice"]] for r in result["runs"]], float)

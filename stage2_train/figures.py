@@ -24,8 +24,6 @@ out-of-range labels, a slice index outside the volume, and ``count < 1`` in :fun
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from dinomix_cache.atomic import atomic_path
 from dinomix_cache.classes import AMOS_ABBREVIATIONS, AMOS_CLASSES, SYNAPSE_ABBREVIATIONS, SYNAPSE_CLASSES
 
 __all__ = [
@@ -137,15 +136,10 @@ def _pretty(name: str) -> str:
 def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
         # format given explicitly: the temp suffix would otherwise decide the file type
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return path
 
 

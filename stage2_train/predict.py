@@ -35,8 +35,6 @@ message naming the file; a ``segment`` callable that breaks its contract raises 
 
 from __future__ import annotations
 
-import os
-import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +44,7 @@ import numpy as np
 from isal import igzip
 from nibabel.filebasedimages import ImageFileError
 
+from dinomix_cache.atomic import write_atomic
 from dinomix_cache.datasets import CaseSource
 from dinomix_cache.errors import UserError
 from dinomix_cache.preprocess import PreprocessSettings, load_case, reorient_to_array, reorient_to_file
@@ -217,20 +216,13 @@ def write_label(labels: np.ndarray, reference: nib.Nifti1Image, out_path: Path, 
     if ending == ".nii.gz":
         blob = igzip.compress(blob)
 
-    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())  # the rename must not reach the disk before the data
-        os.replace(tmp, out_path)
+        # synced: the rename must not reach the disk before the data
+        return write_atomic(out_path, blob, sync=True)
     except OSError as exc:
         raise UserError(f"cannot write {out_path} ({exc.strerror or exc}): check the folder's permissions "
                         "and free disk space") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
 
 
 def _plan(inputs: Path, output: Path) -> list[tuple[Path, Path]]:

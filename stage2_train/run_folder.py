@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dinomix_cache.atomic import atomic_path, write_atomic
 from dinomix_cache.errors import UserError
 from dinomix_cache.store import FeatureStore
 
@@ -64,9 +64,7 @@ class RunFolder:
             raise UserError(f"{self.path} is not a run folder ({name} missing)") from None
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, self.path / name)
+        write_atomic(self.path / name, json.dumps(data, indent=2, default=str))
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path / "log.jsonl", "a") as fh:
@@ -78,9 +76,8 @@ class RunFolder:
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
         """Write ``name.pt`` atomically (temp file, then rename): a crash never leaves half a file."""
-        tmp = self.path / f".{name}.pt.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path / f"{name}.pt")
+        with atomic_path(self.path / f"{name}.pt") as tmp:
+            torch.save(payload, tmp)
 
     def load_checkpoint(self, name: str = "latest") -> dict[str, Any]:
         path = self.path / f"{name}.pt"
@@ -91,9 +88,7 @@ class RunFolder:
     def truncate_log(self, step: int) -> None:
         """Drop iteration records after ``step`` (written after the checkpoint a resume starts from)."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        tmp = self.path / ".log.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path / "log.jsonl")
+        write_atomic(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self) -> Path:
         """Draw ``progress.png``: per-epoch mean of each loss term, and validation mean Dice."""
