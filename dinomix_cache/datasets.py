@@ -458,6 +458,22 @@ def _scan_msd(root: Path) -> tuple[_Found, list[str], tuple[str, ...], dict]:
 # Discovery
 
 
+def _scan(name: str, root: Path) -> tuple[str, Path, _Found, list[str], tuple[str, ...], dict]:
+    """(dataset key, absolute root, cases found, patterns searched, class names, extra split record)."""
+    key = name.strip().lower()
+    if key not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    root = Path(root).expanduser().absolute()
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist; pass --data DIR pointing at {_DATA_HINT[key]}")
+    if key == "msd":
+        found, searched, class_names, extra = _scan_msd(root)
+        return key, root, found, searched, class_names, extra
+    if key == "amos":
+        return key, root, *_scan_amos(root), AMOS_CLASSES, {}
+    return key, root, *_scan_synapse(root), SYNAPSE_CLASSES, {}
+
+
 def scan_case_files(name: str, root: Path) -> dict[str, tuple[Path, Path | None, str]]:
     """Case id → (image path, label path or None, ``"nifti"``/``"npy"``) for every case under ``root``,
     whatever its role (no split is read). For finding a known case's files again, e.g. to evaluate
@@ -466,15 +482,7 @@ def scan_case_files(name: str, root: Path) -> dict[str, tuple[Path, Path | None,
     Raises:
         UserError: unknown dataset name or missing folder.
     """
-    key = name.strip().lower()
-    if key not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    root = Path(root).expanduser().absolute()
-    if not root.is_dir():
-        raise UserError(f"{root} does not exist; pass --data DIR pointing at {_DATA_HINT[key]}")
-    if key == "msd":
-        return _scan_msd(root)[0]
-    return (_scan_amos(root) if key == "amos" else _scan_synapse(root))[0]
+    return _scan(name, root)[2]
 
 
 def discover_dataset(
@@ -499,19 +507,7 @@ def discover_dataset(
             searched), image without label, listed cases missing on disk (naming files and folder),
             inconsistent split lists, unknown ``case_ids``, or an unsupported ``dataset.json``.
     """
-    key = name.strip().lower()
-    if key not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    root = Path(root).expanduser().absolute()
-    if not root.is_dir():
-        raise UserError(f"{root} does not exist; pass --data DIR pointing at {_DATA_HINT[key]}")
-    extra: dict = {}
-    if key == "msd":
-        found, searched, class_names, extra = _scan_msd(root)
-    elif key == "amos":
-        (found, searched), class_names = _scan_amos(root), AMOS_CLASSES
-    else:
-        (found, searched), class_names = _scan_synapse(root), SYNAPSE_CLASSES
+    key, root, found, searched, class_names, extra = _scan(name, root)
     if not found:
         raise UserError(f"no {key} cases found under {root} (searched {', '.join(searched)}); "
                         f"pass --data DIR pointing at {_DATA_HINT[key]}")
