@@ -18,10 +18,12 @@ from dinomix_cache.datasets import CaseSource
 from dinomix_cache.errors import UserError
 from dinomix_cache.preprocess import PreprocessedCase, PreprocessSettings, load_case
 
-__all__ = ["load_source_case", "recorded_case_source"]
+__all__ = ["load_source_case", "recorded_case_source", "resolve_recorded"]
 
 
-def _resolve(recorded: str, data: Path) -> Path:
+def resolve_recorded(recorded: str, data: Path) -> Path:
+    """A source path the store recorded, under the dataset folder ``data`` (relative paths), as
+    recorded (absolute paths that exist), or ``data`` / its name (absolute paths that moved)."""
     path = Path(recorded)
     if not path.is_absolute():
         return data / path
@@ -39,8 +41,8 @@ def recorded_case_source(case_id: str, role: str, source: dict[str, Any], data: 
         raise UserError(f"--data {data} is not a folder; pass the dataset folder the store was extracted from")
     if not source.get("image"):
         raise UserError(f"case {case_id}: the store records no source image; rebuild the store with volumes")
-    image = _resolve(source["image"], data)
-    label = _resolve(source["label"], data) if source.get("label") else None
+    image = resolve_recorded(source["image"], data)
+    label = resolve_recorded(source["label"], data) if source.get("label") else None
     for path in (image, label):
         if path is not None and not path.exists():
             raise UserError(f"{path} is missing: --data must be the folder case {case_id} was extracted from")

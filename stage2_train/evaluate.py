@@ -31,7 +31,7 @@ from dinomix_cache.classes import class_abbreviations
 from dinomix_cache.datasets import CaseSource, scan_case_files
 from dinomix_cache.errors import UserError
 from dinomix_cache.locations import as_location
-from dinomix_cache.source_volumes import load_source_case
+from dinomix_cache.source_volumes import load_source_case, resolve_recorded
 from dinomix_cache.store import FeatureStore
 from stage2_train.figures import dice_bar_chart, qualitative_figure
 from stage2_train.inference import DEFAULT_STRIDE, InferenceSettings, RunModel, load_run_model
@@ -128,14 +128,10 @@ def _open_store(model: RunModel, cache: Path | str | None) -> FeatureStore | Non
         # The URL the run recorded no longer answers: as for a local store that is gone, the sources may do.
         log.warning("the run's store is unavailable (%s)", exc)
         return None
-    if store_identity(store)["attrs_sha256"] != _identity_sha(model):
+    if store_identity(store)["attrs_sha256"] != model.store_sha256:
         raise UserError(f"{path} is not the store {model.run} was trained from (attributes differ); "
                         "pass --cache with the run's store, or --data to rebuild the volumes from the sources")
     return store
-
-
-def _identity_sha(model: RunModel) -> str:
-    return str(json.loads((model.run / "store.json").read_text())["attrs_sha256"])
 
 
 def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
@@ -175,7 +171,7 @@ def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
         source = (store.case_attrs(cid) or {}).get("source") or {}
         label_path = None
         if source.get("label") and root is not None:
-            candidate = Path(source["label"]) if Path(source["label"]).is_absolute() else root / source["label"]
+            candidate = resolve_recorded(source["label"], root)
             label_path = candidate if candidate.exists() else None
         yield EvalCase(cid, volumes.image(cid), volumes.label(cid), label_path, source)
 

@@ -71,6 +71,7 @@ class RunModel:
         network: the student in ``eval()`` mode on ``device``.
         device: where it runs.
         checkpoint: which checkpoint was loaded (``best`` or ``latest``) and at which ``step``.
+        store_sha256: the sha256 of the store's attributes (its identity, ``store.json``).
     """
 
     run: Path
@@ -80,6 +81,7 @@ class RunModel:
     device: torch.device
     checkpoint: str
     step: int
+    store_sha256: str
 
     @property
     def class_names(self) -> list[str]:
@@ -135,7 +137,8 @@ def load_run_model(run: Path, checkpoint: str = "best", device: torch.device | N
                              dropout=settings.dropout)
     network.load_state_dict(payload["networks"]["student"])
     network.to(device).eval()
-    return RunModel(Path(run), settings, meta, network, device, found, int(payload["state"]["step"]))
+    return RunModel(Path(run), settings, meta, network, device, found, int(payload["state"]["step"]),
+                    str(identity["attrs_sha256"]))
 
 
 def sliding_window_probabilities(
