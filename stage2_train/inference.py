@@ -23,7 +23,7 @@ from monai.inferers import sliding_window_inference
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.preprocess import PreprocessSettings
-from stage2_train.networks import DinoMixStudent
+from stage2_train.networks import DinoMixStudent, student_autocast
 from stage2_train.run_folder import RunFolder
 from stage2_train.settings import TrainSettings
 
@@ -177,7 +177,7 @@ def sliding_window_probabilities(
     overlap = [1.0 - (s + 0.5) / p if s < p else 0.0 for s, p in zip(stride, patch, strict=True)]
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with student_autocast(device):
             logits = network(batch).logits
         return torch.softmax(logits.float(), dim=1)
 

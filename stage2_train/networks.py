@@ -31,6 +31,7 @@ __all__ = [
     "StudentOutput",
     "VNet",
     "count_parameters",
+    "student_autocast",
 ]
 
 # Four stride-2 downsamplings: every spatial side must be a multiple of 2**4 so that the transposed
@@ -54,6 +55,12 @@ class StudentOutput:
     aux_logits: torch.Tensor
     deep: torch.Tensor
     projected: torch.Tensor | None = None
+
+
+def student_autocast(device: torch.device) -> torch.autocast:
+    """The precision of student forwards: bf16 autocast on a GPU (training and inference alike),
+    plain float32 elsewhere. Callers cast the outputs to float32 before losses or softmax."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

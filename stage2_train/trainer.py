@@ -32,7 +32,7 @@ from stage2_train.losses import (
     pseudo_labels,
     unlabeled_aux_mask,
 )
-from stage2_train.networks import DinoMixStudent, EmaTeacher, StudentOutput
+from stage2_train.networks import DinoMixStudent, EmaTeacher, StudentOutput, student_autocast
 from stage2_train.pic import pic_batch
 from stage2_train.sampling import Crop, IterationSampler, VolumeCache, random_crop, random_gamma
 from stage2_train.settings import TrainSettings
@@ -184,7 +184,7 @@ class DinoMixIteration:
     def forward(self, network: Callable[[torch.Tensor], StudentOutput], x: torch.Tensor) -> StudentOutput:
         """A network forward under bf16 autocast on GPU (float32 on CPU); outputs returned as float32,
         so losses and the EMA pseudo-labels are computed in full precision."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with student_autocast(self.device):
             out = network(x)
         return StudentOutput(*(None if t is None else t.float() for t in
                                (out.logits, out.aux_logits, out.deep, out.projected)))
