@@ -109,7 +109,7 @@ def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[s
 
 
 def train(settings: TrainSettings | None, resume: Path | None = None, max_steps: int | None = None,
-          epochs: int | None = None, cache: Path | None = None, progress: bool = False) -> Path:
+          epochs: int | None = None, cache: Path | str | None = None, progress: bool = False) -> Path:
     """Train (or resume) a run; returns the run folder.
 
     Args:
@@ -134,13 +134,13 @@ def train(settings: TrainSettings | None, resume: Path | None = None, max_steps:
 
 
 def _train(context: Distributed, settings: TrainSettings | None, resume: Path | None, max_steps: int | None,
-           epochs: int | None, cache: Path | None, progress: bool) -> Path:
+           epochs: int | None, cache: Path | str | None, progress: bool) -> Path:
     """:func:`train` in this process's place of the job (every rank runs it; rank 0 writes)."""
     if resume is not None:
         folder = RunFolder(resume)
         settings = settings_from_json(folder.settings())
         if cache is not None:
-            settings = replace(settings, cache=Path(cache))
+            settings = replace(settings, cache=cache)  # TrainSettings makes it a Path or keeps a URL
         if epochs is not None and epochs != settings.epochs:
             if context.is_main:
                 log.info("E_max %d -> %d: the poly schedule is stretched over the new length", settings.epochs,
