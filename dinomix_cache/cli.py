@@ -83,8 +83,10 @@ DataOpt = typer.Option(None, "--data", help="Dataset root. Default data/DATASET;
                        "there on first use.")
 TeacherOpt = typer.Option(
     "facebook/dinov3-vits16-pretrain-lvd1689m", "--teacher",
-    help="Hugging Face hub id or local directory of a vision transformer (DINOv3, DINOv2, CLIP, SigLIP/SigLIP2), "
-    "or random:tiny|vits16|vitb16|vitl16 for a random-init DINOv3 (labelled 'random, not pretrained').")
+    help="Hugging Face hub id or local directory of a vision transformer (DINOv3, DINOv2, CLIP, SigLIP/SigLIP2, ViT, "
+    "MAE ViT), "
+    "or random:NAME for a random-init DINOv3 (labelled 'random, not pretrained'): tiny, vits16, vitb16, vitl16 "
+    "(blind to context: for speed) or ctx-tiny, ctx-vits16 (context-sensitive like a trained ViT: for fidelity).")
 LabeledOpt = typer.Option(None, "--labeled", help="Labeled share: synapse 10p|20p|40p (default 20p), "
                           "amos 2p|5p|10p (default 5p), msd/phantom any Np.")
 SplitDirOpt = typer.Option(None, "--split-dir", help="Folder of split lists overriding the shipped ones.")
@@ -116,6 +118,7 @@ def build_extract_settings(
     overwrite: bool = False, volumes: bool | None = None,
     compression: str | None = None, keepbits: int | None = None, chunk_slices: int | None = None,
     phantom_cases: int | None = None, phantom_matrix: int | None = None, progress: bool = True,
+    crop_windows: str | None = None,
 ) -> Any:
     """Map CLI options onto :class:`~stage1_extract.settings.ExtractSettings`; options left None
     take the dataclasses' defaults."""
@@ -138,6 +141,7 @@ def build_extract_settings(
                                        volumes=volumes)),
         phantom=PhantomSettings(case_ids=phantom_ids, **_given(matrix=phantom_matrix)),
         cases=tuple(cases) if cases else None, overwrite=overwrite, progress=progress,
+        crop_windows=parse_shape(crop_windows, 2, "--crop-windows") if crop_windows else None,
         **_given(batch_size=batch_size, workers=workers, scheduler=scheduler, read_threads=read_threads),
     )
 
@@ -178,6 +182,11 @@ def extract(
         "measured max 0.39 % at keepbits 7) or none."),
     keepbits: int = typer.Option(7, "--keepbits", help="Mantissa bits kept by --compression lossy (1..9)."),
     chunk_slices: int = typer.Option(16, "--chunk-slices", help="Slices per stored chunk (a 64-slice crop reads 4-5)."),
+    crop_windows: str | None = typer.Option(
+        None, "--crop-windows", help="Also store the teacher's tokens of every HxW window on the token grid "
+        "(e.g. 128x128, the training crop's in-plane size: 3x3 windows a 160-pixel slice), for training in the "
+        "crop teacher view (train --teacher-view crop), where the teacher sees the crop as in the paper. "
+        "About 6x the feature bytes."),
     phantom_cases: int | None = PhantomCasesOpt,
     phantom_matrix: int = PhantomMatrixOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -198,7 +207,7 @@ def extract(
         target_shape=target_shape, batch_size=batch_size, workers=workers, scheduler=scheduler,
         read_threads=read_threads, cases=cases, overwrite=overwrite, volumes=volumes, compression=compression,
         keepbits=keepbits, chunk_slices=chunk_slices, phantom_cases=phantom_cases, phantom_matrix=phantom_matrix,
-        progress=progress)
+        progress=progress, crop_windows=crop_windows)
     report = run_extraction(settings)
     state = "complete" if report.complete else "incomplete (some cases not extracted yet)"
     rate = f", {report.slices_per_s:.1f} slices/s" if report.slices else ""
@@ -227,8 +236,14 @@ def train(
     width: int | None = typer.Option(None, "--width", help="VNet base width (preset: 32 paper, 4 cpu-small)."),
     crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (multiples of 16)."),
     tau: float | None = typer.Option(None, "--tau", help="Pseudo-label confidence threshold (default 0.95)."),
-    crop_grid: str = typer.Option("token", "--crop-grid", help="In-plane crop offsets: token (on the store's "
-                                  "token grid, so cached targets match the teacher's) or voxel (any offset)."),
+    teacher_view: str = typer.Option(
+        "slice", "--teacher-view", help="What the teacher sees of each training crop. slice (default): the whole "
+        "slice, as in extract, with the PIC box pasted into it; cached targets are then exactly the teacher's for "
+        "any crop. crop: the crop itself, as the paper's training loop does; cached targets then need a store made "
+        "with extract --crop-windows HxW (the crop's in-plane size). Recorded in the run's settings."),
+    crop_grid: str | None = typer.Option(None, "--crop-grid", help="In-plane crop offsets: voxel (any offset, DHC's "
+                                         "RandomCrop; the slice view's default) or token (on the store's token grid; "
+                                         "the crop view's default, where its crop windows lie)."),
     no_fkd: bool = typer.Option(False, "--no-fkd", help="Ablation: no foundation-feature distillation."),
     no_pic: bool = typer.Option(False, "--no-pic", help="Ablation: no PIC mixing (unlabeled crops stay as they are)."),
     no_aux: bool = typer.Option(False, "--no-aux", help="Ablation: no auxiliary balanced head losses."),
@@ -272,7 +287,7 @@ def train(
                   **({"gamma": pic_gamma} if pic_gamma is not None else {}))
     changes: dict = {"out": out_path, "data": data, "targets": targets, "seed": seed, "fkd": not no_fkd,
                      "aux": not no_aux, "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode,
-                     "pic": pic, "crop_grid": crop_grid}
+                     "pic": pic, "teacher_view": teacher_view, "crop_grid": crop_grid}
     for key, value in (("epochs", epochs), ("width", width), ("tau", tau)):
         if value is not None:
             changes[key] = value
@@ -280,8 +295,6 @@ def train(
         changes["crop"] = parse_shape(crop, 3, "--crop")
     if targets not in ("online", "cache", "hybrid"):
         raise UserError(f"--targets {targets}: choose online, cache or hybrid")
-    if crop_grid not in ("token", "voxel"):
-        raise UserError(f"--crop-grid {crop_grid}: choose token or voxel")
     done(run_training(replace(settings, **changes), max_steps=max_steps, progress=progress))
 
 
@@ -302,6 +315,7 @@ def info(
         return
     t, p, d, b = summary["teacher"], summary["preprocessing"], summary["dataset"], summary["bytes"]
     per_slice = summary["feature_bytes_per_slice"]
+    windows = f"crop windows {b['windows'] / 1e6:.2f} MB, " if b.get("windows") else ""
     rows = [
         ("store", f"{summary['path']} ({summary['format']})"),
         ("teacher", f"{t['source']} [{t['label']}] {t['family']}, hidden {t['hidden_size']}, patch "
@@ -314,14 +328,26 @@ def info(
                                          for r, v in summary["cases_by_role"].items())),
         ("feature shape", "; ".join("x".join(str(v) for v in s) for s in summary["feature_shapes"]) or "-"),
         ("bytes on disk", summary["bytes_note"] or f"{b['total'] / 1e6:.2f} MB (features {b['features'] / 1e6:.2f} "
-                          f"MB, volumes {b['volumes'] / 1e6:.2f} MB)"),
+                          f"MB, {windows}volumes {b['volumes'] / 1e6:.2f} MB)"),
         ("feature bytes per slice", f"{per_slice / 1e3:.1f} kB" if per_slice else "-"),
+        ("teacher views", _views_summary(summary)),
         ("compression", summary["storage"]["compression"]),
         ("incomplete cases", " ".join(summary["incomplete_cases"]) or "none"),
         ("extraction", "complete" if summary["extraction_complete"] else "not finished: rerun extract"),
     ]
     for key, value in rows:
         out.print(f"[bold]{key:<24}[/]{escape(value)}", highlight=False, soft_wrap=True)
+
+
+def _views_summary(summary: dict) -> str:
+    """``slice`` or ``slice, crop (windows 128x128, 3x3 a slice, 57.3 kB a slice)``."""
+    windows = summary.get("crop_windows")
+    if not windows:
+        return "slice (no crop windows: the crop view needs --targets online)"
+    per_slice = summary.get("window_bytes_per_slice")
+    size = f", {per_slice / 1e3:.1f} kB a slice" if per_slice else ""
+    return (f"slice, crop (windows {windows['size'][0]}x{windows['size'][1]}, "
+            f"{windows['positions'][0]}x{windows['positions'][1]} a slice{size})")
 
 
 def _split_summary(split: dict) -> str:
@@ -424,11 +450,17 @@ def bench_targets_cmd(
     preset: str = typer.Option("cpu-small", "--preset", help="Training settings: cpu-small or paper."),
     steps: int = typer.Option(20, "--steps", help="Timed iterations per policy, interleaved (after 3 warm-up rounds)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for every policy)."),
-    crop_grid: str = typer.Option("token", "--crop-grid", help="In-plane crop offsets: token or voxel (see train)."),
+    teacher_view: str = typer.Option("slice", "--teacher-view", help="slice or crop (see train); crop needs a "
+                                     "store made with --crop-windows for cache and hybrid."),
+    crop_grid: str | None = typer.Option(None, "--crop-grid", help="In-plane crop offsets: voxel or token (see "
+                                         "train; default: the view's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
 ) -> None:
-    """Step time of no distillation and of each target policy; cosine of each policy's targets to
-    online's on the same batches (student cells), and the fraction of slices recomputed."""
+    """Step time of no distillation and of each target policy, in one teacher view; cosine of each
+    policy's targets to online's (the view's reference) on the same batches (student cells), the
+    fraction of slices recomputed, the cross-view cosine (slice-view against crop-view references on
+    the same batches: how much the definition matters for this teacher) and the teacher's context
+    cosine (1.0 = blind to context: then every fidelity figure is 1.0 whatever the code does)."""
     _setup_logging()
     from dataclasses import replace
 
@@ -436,7 +468,7 @@ def bench_targets_cmd(
     from stage2_train.settings import preset as make_preset
 
     try:
-        settings = replace(make_preset(preset, cache), seed=seed, crop_grid=crop_grid)
+        settings = replace(make_preset(preset, cache), seed=seed, teacher_view=teacher_view, crop_grid=crop_grid)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     result = bench_targets(settings, steps=steps, warmup=3)
@@ -444,7 +476,8 @@ def bench_targets_cmd(
         print(json.dumps(result))
     else:
         for mode, entry in result.items():
-            out.print(f"{mode:<8}" + "  ".join(f"{k} {v}" for k, v in entry.items()), highlight=False)
+            text = "  ".join(f"{k} {v}" for k, v in entry.items()) if isinstance(entry, dict) else str(entry)
+            out.print(f"{mode:<14}{text}", highlight=False)
 
 
 def main() -> None:

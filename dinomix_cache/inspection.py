@@ -57,6 +57,7 @@ def _summary(store: FeatureStore) -> dict[str, Any]:
         feature_shapes.add(shape)
         slices += shape[0]
     feature_bytes = store.bytes_on_disk("features")
+    window_bytes = store.bytes_on_disk("windows") if store.crop_windows else 0
     volume_bytes = store.bytes_on_disk("volumes")
     total_bytes = store.bytes_on_disk()
     counts = store.class_voxels()
@@ -74,9 +75,12 @@ def _summary(store: FeatureStore) -> dict[str, Any]:
         "incomplete_cases": [cid for cid in roles if cid not in complete],
         "feature_shapes": sorted(list(s) for s in feature_shapes),
         "slices": slices,
-        "bytes": {"total": total_bytes, "features": feature_bytes, "volumes": volume_bytes},
+        "crop_windows": store.crop_windows,
+        "teacher_views": ["slice", "crop"] if store.crop_windows else ["slice"],
+        "bytes": {"total": total_bytes, "features": feature_bytes, "windows": window_bytes, "volumes": volume_bytes},
         "bytes_note": SIZES_UNKNOWN if total_bytes is None else None,
         "feature_bytes_per_slice": feature_bytes / slices if slices and feature_bytes is not None else None,
+        "window_bytes_per_slice": window_bytes / slices if slices and window_bytes else None,
         "class_voxels": None if counts is None else [int(v) for v in counts],
     }
 
@@ -161,6 +165,14 @@ def _verify(store: FeatureStore, data: Path | None) -> list[str]:
                 problems.append(f"case {cid} features: shape {feats.shape}, expected {expected}")
             elif not np.isfinite(feats).all():
                 problems.append(f"case {cid} features: non-finite values")
+        windows = store.crop_windows
+        if windows is not None:
+            wins = _check_array(root["windows"][cid], f"case {cid} windows", problems)
+            shape = (expected[0], *windows["positions"], *windows["token_grid"], expected[3])
+            if wins is not None and wins.shape != tuple(shape):
+                problems.append(f"case {cid} windows: shape {wins.shape}, expected {tuple(shape)}")
+            elif wins is not None and not np.isfinite(wins).all():
+                problems.append(f"case {cid} windows: non-finite values")
         if store.storage.volumes:
             for name in ("image", "label"):
                 if name == "label" and "class_voxels" not in attrs:

@@ -7,6 +7,9 @@ Layout (see the README's "Store format")::
       volumes/<case>/image      float16 (D, H, W), preprocessed intensities in [0, 1]
       volumes/<case>/label      uint8   (D, H, W) (labelled cases only)
       stats/class_voxels        int64   (num_classes,), voxels per class over the labeled cases
+      windows/<case>            float16 (D, ny, nx, h', w', C), only in a store with crop windows:
+                                the teacher's tokens of each token-aligned window the training crop
+                                can take (the ``crop`` teacher view; attribute ``crop_windows``)
 
 A case exists for readers only once ``features/<case>`` carries the attribute
 ``dinomix_case.complete = true``, written last, after every array of the case. Zarr's local store
@@ -59,6 +62,7 @@ ATTRS_KEY = "dinomix"
 CASE_KEY = "dinomix_case"
 FEATURE_DIMS = ("slice", "token_row", "token_col", "channel")
 VOLUME_DIMS = ("slice", "row", "col")
+WINDOW_DIMS = ("slice", "window_row", "window_col", "token_row", "token_col", "channel")
 # zarr warns on every array using a numcodecs filter (BitRound, the lossy mode) that other Zarr
 # implementations may not read it; the README says so once, the warning would say it per chunk read.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=ZarrUserWarning)
@@ -147,6 +151,13 @@ def validate_attrs(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(meta.get(section), dict):
             raise UserError(f"{where}: store attribute section '{section}' is missing or malformed; "
                             "the store is damaged: rebuild it with extract --overwrite")
+    windows = meta.get("crop_windows")
+    if windows is not None and not (isinstance(windows, dict) and all(
+            isinstance(windows.get(k), list) and len(windows[k]) == 2 and all(isinstance(v, int) and v > 0
+                                                                             for v in windows[k])
+            for k in ("size", "positions", "token_grid"))):
+        raise UserError(f"{where}: store attribute 'crop_windows' is malformed ({windows!r}); "
+                        "rebuild the store with extract --overwrite")
     dataset = meta["dataset"]
     if not isinstance(dataset.get("class_names"), list) or not isinstance(dataset.get("cases"), list):
         raise UserError(f"{where}: dataset.class_names / dataset.cases missing; rebuild with extract --overwrite")
@@ -251,7 +262,7 @@ class FeatureStore:
             where.parent.mkdir(parents=True, exist_ok=True)
             group = zarr.open_group(str(where), mode="w", zarr_format=3)
         group.attrs[ATTRS_KEY] = meta
-        for name in ("features", "volumes", "stats"):
+        for name in ("features", "volumes", "stats") + (("windows",) if meta.get("crop_windows") else ()):
             group.require_group(name)
         return cls(group, where, meta, "url" if isinstance(where, str) else "folder", storage_options)
 
@@ -352,6 +363,12 @@ class FeatureStore:
         return list(self._meta["dataset"]["class_names"])
 
     @property
+    def crop_windows(self) -> dict[str, list[int]] | None:
+        """``{"size": [H, W], "positions": [ny, nx], "token_grid": [h', w']}`` of a store that holds the
+        tokens of every token-aligned crop window (``extract --crop-windows HxW``), else None."""
+        return self._meta.get("crop_windows")
+
+    @property
     def storage(self) -> StoreSettings:
         return StoreSettings(**self._meta["storage"])
 
@@ -417,12 +434,15 @@ class FeatureStore:
         image: np.ndarray | None,
         label: np.ndarray | None,
         case_meta: dict[str, Any],
+        windows: np.ndarray | None = None,
     ) -> None:
         """Write one case's arrays, then mark it complete (last).
 
         Args:
             case_id: the case id (no ``/``).
             features: (D, h, w, C) teacher features; stored as float16.
+            windows: (D, ny, nx, h', w', C) crop-window tokens (a store with ``crop_windows``; required
+                there, refused elsewhere); stored as float16.
             image: (D, H, W) float16 or float32 preprocessed image (stored as given), or None.
             label: (D, H, W) uint8 label, or None.
             case_meta: JSON-able provenance of the case (source hashes, geometry, class voxels).
@@ -434,6 +454,8 @@ class FeatureStore:
         settings = self.storage
         depth = features.shape[0]
         chunk = min(settings.chunk_slices, depth)
+        if (windows is None) != (self.crop_windows is None):
+            raise ValueError(f"case {case_id}: crop-window tokens are written exactly when the store has crop windows")
         try:
             arrays: list[tuple[zarr.Group, str, np.ndarray, tuple[str, ...], bool]] = []
             if settings.volumes and image is not None:
@@ -441,6 +463,9 @@ class FeatureStore:
                 arrays.append((vgroup, "image", image, VOLUME_DIMS, False))
                 if label is not None:
                     arrays.append((vgroup, "label", label.astype(np.uint8, copy=False), VOLUME_DIMS, False))
+            if windows is not None:
+                arrays.append((self._subgroup("windows"), case_id, windows.astype(np.float16, copy=False),
+                               WINDOW_DIMS, True))
             feats = features.astype(np.float16, copy=False)
             arrays.append((self._subgroup("features"), case_id, feats, FEATURE_DIMS, True))
             for parent, name, data, dims, is_features in arrays:
@@ -473,13 +498,32 @@ class FeatureStore:
     def feature_shape(self, case_id: str) -> tuple[int, ...]:
         return tuple(self._complete_array(case_id, "features").shape)
 
+    def windows_shape(self, case_id: str) -> tuple[int, ...]:
+        """(D, ny, nx, h', w', C) of a complete case's crop-window tokens (see :meth:`read_windows`)."""
+        if self.crop_windows is None:
+            raise UserError(f"{self.location} holds no crop windows; extract it with --crop-windows HxW")
+        return tuple(self._complete_array(case_id, "windows").shape)
+
+    def read_windows(self, case_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Crop-window tokens of slices ``start:stop`` of a complete case, (stop-start, ny, nx, h', w', C)
+        float16: window ``(i, j)`` starts at slice pixel ``(i, j) · token size``.
+
+        Raises:
+            UserError: the case is incomplete, or the store holds no crop windows.
+        """
+        if self.crop_windows is None:
+            raise UserError(f"{self.location} holds no crop windows; extract it with --crop-windows HxW")
+        return self._complete_array(case_id, "windows")[start:stop]
+
     def _complete_array(self, case_id: str, name: str) -> zarr.Array:
         """The features (``name="features"``) or a volume array of a complete case, opened once."""
         array = self._arrays.get((case_id, name))
         if array is None:
             self._require_complete(case_id)  # also keeps the features' handle
             array = self._arrays.get((case_id, name))
-            if array is None and name != "features":
+            if array is None and name == "windows":
+                array = self._windows_array(case_id)
+            elif array is None and name != "features":
                 array = self._volume_array(case_id, name)
             if array is None:
                 raise KeyError(f"{self.location}: case {case_id} has no {name} array")
@@ -498,6 +542,18 @@ class FeatureStore:
             return None
         if case_id in self._complete:
             self._arrays[(case_id, name)] = node
+        return node
+
+    def _windows_array(self, case_id: str) -> zarr.Array | None:
+        """A case's crop-window tokens, or None; kept open once the case is known complete."""
+        try:
+            node = self._subgroup("windows")[case_id]
+        except (KeyError, FileNotFoundError):
+            return None
+        if not isinstance(node, zarr.Array):
+            return None
+        if case_id in self._complete:
+            self._arrays[(case_id, "windows")] = node
         return node
 
     def has_volume(self, case_id: str, name: str = "image") -> bool:
@@ -522,10 +578,13 @@ class FeatureStore:
         Found from the attributes and the format's layout, never by listing the store (HTTP servers
         cannot list), so incomplete cases and anything foreign in the folder are left out.
         """
+        windows = self.crop_windows is not None
         out: list[tuple[str, zarr.Group | zarr.Array]] = [("", self.group)]
-        out += [(name, self._subgroup(name)) for name in ("features", "volumes", "stats")]
+        out += [(name, self._subgroup(name)) for name in ("features", "volumes", "stats") + (("windows",) * windows)]
         for cid in self.complete_cases():
             out.append((f"features/{cid}", self._complete_array(cid, "features")))
+            if windows:
+                out.append((f"windows/{cid}", self._complete_array(cid, "windows")))
             volumes = [(name, self._volume_array(cid, name)) for name in ("image", "label")]
             held = [(name, array) for name, array in volumes if array is not None]
             if held:

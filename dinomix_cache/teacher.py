@@ -22,19 +22,44 @@ import torch.nn.functional as F
 from dinomix_cache import teacher_families as fam
 from dinomix_cache.errors import UserError
 
-RANDOM_TEACHERS = {"tiny", "vits16", "vitb16", "vitl16"}
 DEFAULT_TEACHER = "facebook/dinov3-vits16-pretrain-lvd1689m"
 RANDOM_LABEL = "random, not pretrained"
 PRETRAINED_LABEL = "pretrained"
 RANDOM_PREFIX = "random:"
 
-# random:NAME -> (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size)
-_RANDOM_SIZES = {
-    "tiny": (128, 3, 4, 512),
-    "vits16": (384, 12, 6, 1536),
-    "vitb16": (768, 12, 12, 3072),
-    "vitl16": (1024, 24, 16, 4096),
+
+
+@dataclass(frozen=True)
+class RandomArchitecture:
+    """A random-init DINOv3 (``random:NAME``): sizes, layerscale and attention scaling.
+
+    ``layerscale`` 1e-5 (the real checkpoints' init value) leaves every token almost its own patch
+    embedding: blind to context and position, so any cache-fidelity figure it gives is 1.0. The
+    ``ctx-*`` variants use layerscale 1 and multiply the query/key weights by ``qk_scale`` (sharper,
+    content- and RoPE-position-dependent attention) and the value/output weights by
+    ``sqrt(vo_scale)`` (a stronger attention branch), so that, as in a trained ViT, a token depends on
+    the rest of its image (context cosine ≤ 0.9, see :mod:`stage2_train.fidelity`).
+    """
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    layerscale: float = 1e-5
+    qk_scale: float = 1.0
+    vo_scale: float = 1.0
+
+
+RANDOM_ARCHITECTURES: dict[str, RandomArchitecture] = {
+    "tiny": RandomArchitecture(128, 3, 4, 512),
+    "vits16": RandomArchitecture(384, 12, 6, 1536),
+    "vitb16": RandomArchitecture(768, 12, 12, 3072),
+    "vitl16": RandomArchitecture(1024, 24, 16, 4096),
+    "ctx-tiny": RandomArchitecture(128, 3, 4, 512, layerscale=1.0, qk_scale=16.0, vo_scale=16.0),
+    "ctx-vits16": RandomArchitecture(384, 12, 6, 1536, layerscale=1.0, qk_scale=8.0, vo_scale=8.0),
 }
+RANDOM_TEACHERS = set(RANDOM_ARCHITECTURES)
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -74,8 +99,9 @@ class TeacherSettings:
     recorded in the store (``Teacher.identity``).
 
     Attributes:
-        source: hub id, local directory, or ``random:tiny|vits16|vitb16|vitl16`` (random init,
-            labelled "random, not pretrained" everywhere).
+        source: hub id, local directory, or ``random:NAME`` (random init, labelled "random, not
+            pretrained" everywhere): ``tiny``, ``vits16``, ``vitb16``, ``vitl16`` (context-free, for
+            speed) or ``ctx-tiny``, ``ctx-vits16`` (context-sensitive, for fidelity measurements).
         revision: hub branch, tag or commit (hub ids only).
         input_size: teacher input (H, W) in pixels per slice, a multiple of the patch size;
             None = the slice size.
@@ -83,7 +109,7 @@ class TeacherSettings:
         device: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``, ``cuda:N``.
     """
 
-    source: str = DEFAULT_TEACHER  # hub id, local directory, or "random:tiny|vits16|vitb16|vitl16"
+    source: str = DEFAULT_TEACHER
     revision: str | None = None  # hub revision (branch/tag/commit)
     input_size: tuple[int, int] | None = None  # teacher input (H, W) per slice; None -> the slice size
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -183,12 +209,25 @@ class Teacher:
         )
 
     @torch.inference_mode()
-    def forward_slices(self, slices: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) slices in [0, 1] -> (B, h, w, C) float32 CPU patch grid of the last hidden state."""
+    def forward_slices(self, slices: torch.Tensor, input_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, H, W) images in [0, 1] -> (B, h, w, C) float32 CPU patch grid of the last hidden state.
+
+        The images are resized (bilinear) to ``input_size`` if given, else to the settings' input
+        size (None: kept as they are), replicated to 3 channels, normalised and cast to the dtype:
+        stage one's forward path, and the one every recompute in stage two takes.
+
+        Raises:
+            ValueError: not a (B, H, W) batch. UserError: an input size that is not a multiple of
+                the patch size.
+        """
         if slices.ndim != 3:
             raise ValueError(f"forward_slices expects (B, H, W) slices, got shape {tuple(slices.shape)}")
         b, height, width = slices.shape
-        in_h, in_w = self.resolved_input_size((height, width))
+        if input_size is not None:
+            _check_input_size(tuple(input_size), self.patch_size, self.settings.source, from_slices=False)
+            in_h, in_w = int(input_size[0]), int(input_size[1])
+        else:
+            in_h, in_w = self.resolved_input_size((height, width))
         x = slices.to(device=self.device, dtype=torch.float32).unsqueeze(1)
         if (in_h, in_w) != (height, width):
             x = F.interpolate(x, size=(in_h, in_w), mode="bilinear", align_corners=False, antialias=False)
@@ -206,6 +245,15 @@ class Teacher:
             )
         grid = hidden[:, self.num_prefix_tokens :].reshape(b, gh, gw, hidden.shape[-1])
         return grid.to(device="cpu", dtype=torch.float32)
+
+
+def scaled_input_size(image_hw: tuple[int, int], slice_hw: tuple[int, int], input_hw: tuple[int, int],
+                      patch: int) -> tuple[int, int]:
+    """Teacher input for an image cut from a slice: ``image · input / slice`` per side, rounded to a
+    multiple of the patch (at least one patch), so that a token covers about as many slice pixels as
+    in the store (a 128-pixel crop of a 160-pixel slice seen at 224 becomes 176, not 179.2)."""
+    return tuple(max(1, round(n * i / s / patch)) * patch  # type: ignore[return-value]
+                 for n, i, s in zip(image_hw, input_hw, slice_hw, strict=True))
 
 
 def load_teacher(settings: TeacherSettings) -> Teacher:
@@ -228,24 +276,36 @@ def load_teacher(settings: TeacherSettings) -> Teacher:
 
 
 def random_config(name: str):
-    """DINOv3ViTConfig for ``random:NAME`` (sizes of the real checkpoints, 4 registers, layerscale 1e-5)."""
+    """DINOv3ViTConfig for ``random:NAME`` (sizes of the real checkpoints, 4 registers; see
+    :class:`RandomArchitecture` for the layerscale of each)."""
     from transformers import DINOv3ViTConfig
 
-    if name not in _RANDOM_SIZES:
+    if name not in RANDOM_ARCHITECTURES:
         raise UserError(
             f"unknown random teacher 'random:{name}': valid names are "
-            + ", ".join(f"random:{n}" for n in sorted(RANDOM_TEACHERS))
+            + ", ".join(f"random:{n}" for n in RANDOM_ARCHITECTURES)
         )
-    hidden, layers, heads, mlp = _RANDOM_SIZES[name]
+    arch = RANDOM_ARCHITECTURES[name]
     return DINOv3ViTConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=mlp,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
         patch_size=16,
         num_register_tokens=4,
-        layerscale_value=1e-5,
+        layerscale_value=arch.layerscale,
     )
+
+
+def _scale_attention(model: torch.nn.Module, arch: RandomArchitecture) -> None:
+    """Multiply the attention projections of a freshly initialised model (see :class:`RandomArchitecture`)."""
+    scales = {"q_proj.weight": arch.qk_scale, "k_proj.weight": arch.qk_scale,
+              "v_proj.weight": arch.vo_scale ** 0.5, "o_proj.weight": arch.vo_scale ** 0.5}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = next((v for k, v in scales.items() if name.endswith(f"attention.{k}")), 1.0)
+            if scale != 1.0:
+                param.mul_(scale)
 
 
 def _load_random(settings: TeacherSettings, name: str, dtype, device) -> Teacher:
@@ -257,6 +317,7 @@ def _load_random(settings: TeacherSettings, name: str, dtype, device) -> Teacher
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = DINOv3ViTModel(config)
+    _scale_attention(model, RANDOM_ARCHITECTURES[name])
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode())
@@ -329,6 +390,7 @@ def _load_pretrained(settings: TeacherSettings, source: str, dtype, device) -> T
                 dtype=dtype,
                 trust_remote_code=False,
                 output_loading_info=True,
+                **fam.LOAD_KWARGS.get(family, {}),
             )
     except Exception as exc:
         raise _load_error(source, _short_reason(exc, settings.revision)) from exc
@@ -339,6 +401,8 @@ def _load_pretrained(settings: TeacherSettings, source: str, dtype, device) -> T
             f"teacher {source} does not hold the weights {cls.__name__} needs ({len(bad)} missing or "
             f"mismatched, e.g. {bad[0]}); is it a {model_type} vision checkpoint?"
         )
+    if family == "vit_mae":
+        model.config.mask_ratio = 0.0  # every patch token, none masked away (see teacher_families.run_model)
     model = _freeze(model.to(device=device))
 
     mean, std = _normalisation(repo, revision, local, family, source)

@@ -1,4 +1,5 @@
-"""Per-family bookkeeping for the frozen ViT teachers (DINOv3, DINOv2, CLIP, SigLIP, SigLIP2 NaFlex).
+"""Per-family bookkeeping for the frozen ViT teachers (DINOv3, DINOv2, CLIP, SigLIP, SigLIP2 NaFlex,
+plain ViT and MAE ViT).
 
 Each family says which transformers class loads its vision tower, how many prefix tokens (CLS +
 registers) come before the patch tokens in ``last_hidden_state``, its default normalisation and how
@@ -20,6 +21,8 @@ FAMILY_BY_MODEL_TYPE: dict[str, str] = {
     "siglip_vision_model": "siglip",
     "siglip2": "siglip2",
     "siglip2_vision_model": "siglip2",
+    "vit": "vit",
+    "vit_mae": "vit_mae",
 }
 
 # model_type -> transformers class name of the vision model to load (vision tower for CLIP/SigLIP)
@@ -33,7 +36,13 @@ MODEL_CLASS_BY_MODEL_TYPE: dict[str, str] = {
     "siglip_vision_model": "SiglipVisionModel",
     "siglip2": "Siglip2VisionModel",
     "siglip2_vision_model": "Siglip2VisionModel",
+    "vit": "ViTModel",
+    "vit_mae": "ViTMAEModel",
 }
+
+# Keyword arguments of from_pretrained per family: a plain ViT's pooler is not used (and absent from
+# MAE-trained or classification checkpoints saved without it), so it is not built.
+LOAD_KWARGS: dict[str, dict[str, object]] = {"vit": {"add_pooling_layer": False}}
 
 DISPLAY_NAME = {
     "dinov3": "DINOv3",
@@ -41,6 +50,8 @@ DISPLAY_NAME = {
     "clip": "CLIP",
     "siglip": "SigLIP",
     "siglip2": "SigLIP2",
+    "vit": "ViT",
+    "vit_mae": "MAE ViT",
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,6 +66,8 @@ DEFAULT_NORM: dict[str, tuple[tuple[float, float, float], tuple[float, float, fl
     "clip": (CLIP_MEAN, CLIP_STD),
     "siglip": (HALF, HALF),
     "siglip2": (HALF, HALF),
+    "vit": (HALF, HALF),  # google/vit's processors; a folder's preprocessor_config.json takes precedence
+    "vit_mae": (IMAGENET_MEAN, IMAGENET_STD),
 }
 
 
@@ -72,7 +85,7 @@ def num_prefix_tokens(family: str, config) -> int:
     if family == "dinov2":
         # Dinov2Config has no register tokens; Dinov2WithRegistersConfig has num_register_tokens.
         return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    if family == "clip":
+    if family in ("clip", "vit", "vit_mae"):
         return 1
     if family in ("siglip", "siglip2"):
         return 0
@@ -96,7 +109,14 @@ def run_model(family: str, model: torch.nn.Module, pixels: torch.Tensor, patch_s
     """last_hidden_state (B, tokens, C) for a normalised batch ``pixels`` (B, 3, H, W)."""
     if family in ("dinov3", "dinov2"):
         out = model(pixel_values=pixels)
-    elif family in ("clip", "siglip"):
+    elif family == "vit_mae":
+        # MAE shuffles and drops tokens by a random noise; an increasing noise keeps every token in
+        # order (the loader sets mask_ratio 0), so the output is the plain ViT's token sequence.
+        b, _, height, width = pixels.shape
+        tokens = (height // patch_size) * (width // patch_size)
+        noise = torch.arange(tokens, device=pixels.device, dtype=torch.float32).expand(b, tokens)
+        out = model(pixel_values=pixels, noise=noise, interpolate_pos_encoding=True)
+    elif family in ("clip", "siglip", "vit"):
         # At the native image_size the interpolation is a no-op (transformers short-circuits it).
         out = model(pixel_values=pixels, interpolate_pos_encoding=True)
     elif family == "siglip2":

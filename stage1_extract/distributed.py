@@ -37,7 +37,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,9 +52,10 @@ from dinomix_cache.preprocess import load_case
 from dinomix_cache.store import FeatureStore, settings_to_json
 from dinomix_cache.teacher import Teacher, TeacherSettings, load_teacher
 from stage1_extract.progress import ExtractionProgress
-from stage1_extract.runner import CaseInFlight, case_batch_plan, store_case
+from stage1_extract.runner import CaseInFlight, case_batch_plan, crop_window_geometry, store_case
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward
+from stage1_extract.windows import slice_forward
 
 log = logging.getLogger("dinomix_cache.extract")
 
@@ -347,9 +348,11 @@ def extract_one_case(context: RunContext, source: CaseSource, offset: int) -> di
         case = load_case(source, settings.preprocess, len(context.spec.class_names))
         depth = case.image.shape[0]
         grid = (*teacher.grid_shape(slice_hw), teacher.hidden_size)
-        state = CaseInFlight(case, source, np.empty((depth, *grid), dtype=np.float16))
+        geometry = crop_window_geometry(settings, teacher)
+        state = CaseInFlight.allocate(case, source, grid, geometry)
         plan = case_batch_plan(offset, depth, context.total, settings.batch_size)
-        forwarded = forward_case(teacher, state, plan, settings.teacher_streams or default_streams(teacher))
+        forwarded = forward_case(teacher, state, plan, settings.teacher_streams or default_streams(teacher),
+                                 slice_forward(teacher, geometry))
         store_case(FeatureStore.open(context.store, mode="r+"), state, context.spec)
     except UserError as exc:
         return {"case_id": source.case_id, "error": str(exc)}
@@ -357,7 +360,8 @@ def extract_one_case(context: RunContext, source: CaseSource, offset: int) -> di
             "seconds": time.perf_counter() - start, "worker": getattr(worker, "address", "local")}
 
 
-def forward_case(teacher: Teacher, state: CaseInFlight, plan: list[tuple[int, int, int, int]], streams: int) -> int:
+def forward_case(teacher: Teacher, state: CaseInFlight, plan: list[tuple[int, int, int, int]], streams: int,
+                 forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> int:
     """Fill ``state.features`` batch by batch as ``plan`` lays the case out.
 
     Args:
@@ -366,6 +370,7 @@ def forward_case(teacher: Teacher, state: CaseInFlight, plan: list[tuple[int, in
         plan: from :func:`~stage1_extract.runner.case_batch_plan`; rows of other cases are zeros
             (measured: they do not change this case's rows, only the batch length does).
         streams: parallel forwards (:func:`~stage1_extract.streams.streamed_forward`).
+        forward: the batch forward (default: the slice tokens only, ``slice_forward(teacher, None)``).
 
     Returns:
         Slices forwarded, padding included.
@@ -382,9 +387,9 @@ def forward_case(teacher: Teacher, state: CaseInFlight, plan: list[tuple[int, in
             yield (row, a, b), torch.from_numpy(np.ascontiguousarray(batch))
 
     forwarded = 0
-    for (row, a, b), out in streamed_forward(teacher, batches(), streams):
-        state.features[a:b] = out[row:row + b - a].numpy()
-        forwarded += len(out)
+    for (row, a, b), out in streamed_forward(teacher, batches(), streams, forward or slice_forward(teacher, None)):
+        state.fill(a, b, out, row)
+        forwarded += len(out[0])
     return forwarded
 
 

@@ -41,6 +41,7 @@ from dinomix_cache.teacher import Teacher, load_teacher
 from stage1_extract.progress import ExtractionProgress
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward
+from stage1_extract.windows import WindowGeometry, slice_forward, window_geometry
 
 log = logging.getLogger("dinomix_cache.extract")
 
@@ -88,11 +89,26 @@ def producer_meta() -> dict[str, Any]:
     }
 
 
+def crop_window_geometry(settings: ExtractSettings, teacher: Teacher) -> WindowGeometry | None:
+    """The crop windows ``settings.crop_windows`` asks for, on the teacher's token grid (None: none).
+
+    Raises:
+        UserError: windows that cannot lie on the token grid (see :func:`~stage1_extract.windows.window_geometry`).
+    """
+    if settings.crop_windows is None:
+        return None
+    slice_hw = tuple(settings.preprocess.target_shape[1:])
+    input_hw = teacher.resolved_input_size(slice_hw)  # type: ignore[arg-type]
+    return window_geometry(tuple(settings.crop_windows), slice_hw, input_hw, teacher.patch_size)  # type: ignore[arg-type]
+
+
 def store_meta(settings: ExtractSettings, spec: DatasetSpec, teacher: Teacher) -> dict[str, Any]:
     """The ``dinomix`` attribute of a new store (everything that changes feature values)."""
     slice_hw = tuple(settings.preprocess.target_shape[1:])
     cases = [{"id": c.case_id, "role": c.role} for c in spec.cases]
+    geometry = crop_window_geometry(settings, teacher)
     return {
+        "crop_windows": None if geometry is None else geometry.to_json(),
         "teacher": teacher.identity(slice_hw),
         "preprocessing": settings.preprocess.to_json(),
         "dataset": {
@@ -126,6 +142,9 @@ def meta_mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[st
             if a != b:
                 shown = ("(differs)" if k == "cases" else f"store {old.get(k)!r}, requested {new.get(k)!r}")
                 problems.append(f"{section}.{k}: {shown}")
+    old_windows, new_windows = existing.get("crop_windows"), wanted.get("crop_windows")
+    if old_windows != new_windows:
+        problems.append(f"crop_windows: store {old_windows!r}, requested {new_windows!r}")
     return problems
 
 
@@ -157,15 +176,36 @@ def open_or_create_store(settings: ExtractSettings, meta: dict[str, Any]) -> Fea
 
 @dataclass
 class CaseInFlight:
-    """A preprocessed case and its (D, h, w, C) float16 features, filled batch by batch."""
+    """A preprocessed case and its (D, h, w, C) float16 features (and, in a store with crop windows,
+    its (D, ny, nx, h', w', C) window tokens), filled batch by batch."""
 
     case: PreprocessedCase
     source: CaseSource
     features: np.ndarray
+    windows: np.ndarray | None = None
+
+    @classmethod
+    def allocate(cls, case: PreprocessedCase, source: CaseSource, grid: tuple[int, int, int],
+                 geometry: WindowGeometry | None) -> CaseInFlight:
+        """Empty arrays for the case's tokens: ``grid`` = (h, w, C) of a slice."""
+        depth = case.image.shape[0]
+        windows = None
+        if geometry is not None:
+            windows = np.empty((depth, *geometry.positions, *geometry.token_grid, grid[2]), dtype=np.float16)
+        return cls(case, source, np.empty((depth, *grid), dtype=np.float16), windows)
+
+    def fill(self, start: int, stop: int, tokens: tuple[torch.Tensor, torch.Tensor | None], row: int = 0) -> None:
+        """Slices ``start:stop`` from rows ``row:row + stop - start`` of a batch's forward (see
+        :func:`~stage1_extract.windows.slice_forward`)."""
+        feats, windows = tokens
+        self.features[start:stop] = feats[row:row + stop - start].numpy()
+        if self.windows is not None and windows is not None:
+            self.windows[start:stop] = windows[row:row + stop - start].numpy()
 
 
 def _batches(
-    loaded: Iterator[tuple[CaseSource, PreprocessedCase]], batch_size: int, grid: tuple[int, int, int]
+    loaded: Iterator[tuple[CaseSource, PreprocessedCase]], batch_size: int, grid: tuple[int, int, int],
+    geometry: WindowGeometry | None = None,
 ) -> Iterator[tuple[list[tuple[CaseInFlight, int, int]], list[CaseInFlight]]]:
     """Yield (batch parts, cases finished once this batch is done), batches spanning cases.
 
@@ -176,7 +216,7 @@ def _batches(
     count = 0
     for source, case in loaded:
         depth = case.image.shape[0]
-        state = CaseInFlight(case, source, np.empty((depth, *grid), dtype=np.float16))
+        state = CaseInFlight.allocate(case, source, grid, geometry)
         start = 0
         while start < depth:
             take = min(batch_size - count, depth - start)
@@ -275,7 +315,7 @@ def store_case(store: FeatureStore, state: CaseInFlight, spec: DatasetSpec) -> s
     case = state.case
     volumes = store.storage.volumes
     store.write_case(case.case_id, state.features, case.image if volumes else None,
-                     case.label if volumes else None, case_meta(state, spec))
+                     case.label if volumes else None, case_meta(state, spec), windows=state.windows)
     return case.case_id
 
 
@@ -297,6 +337,7 @@ def extract_cases(
     """
     slice_hw = tuple(settings.preprocess.target_shape[1:])
     grid = (*teacher.grid_shape(slice_hw), teacher.hidden_size)
+    geometry = crop_window_geometry(settings, teacher)
     num_classes = len(spec.class_names)
 
     def load(source: CaseSource) -> PreprocessedCase:
@@ -316,17 +357,17 @@ def extract_cases(
         try:
             loaded = _read_ahead(cases, load, readers, settings.prefetch)
             batches = (((parts, finished), torch.from_numpy(np.concatenate([s.case.image[a:b] for s, a, b in parts])))
-                       for parts, finished in _batches(loaded, settings.batch_size, grid))
+                       for parts, finished in _batches(loaded, settings.batch_size, grid, geometry))
             streams = settings.teacher_streams or default_streams(teacher)
-            for (parts, finished), out in streamed_forward(teacher, batches, streams):
-                feats = out.numpy()
+            forward = slice_forward(teacher, geometry)
+            for (parts, finished), out in streamed_forward(teacher, batches, streams, forward):
                 offset = 0
                 for state, a, b in parts:
-                    state.features[a:b] = feats[offset:offset + b - a]
+                    state.fill(a, b, out, offset)
                     offset += b - a
-                slices += len(feats)
+                slices += offset
                 if progress:
-                    progress.advance_slices(len(feats))
+                    progress.advance_slices(offset)
                 for state in finished:
                     writes.append(writer.submit(write, state))
                 # Bound memory: at most two finished cases wait for the writer.

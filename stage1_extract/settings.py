@@ -34,6 +34,9 @@ class ExtractSettings:
         teacher_streams: parallel teacher forwards; None = one single-threaded stream per core
             on CPU, one stream on a GPU (see :mod:`stage1_extract.streams`). On a cluster: per
             worker, whose cores are shared among the worker processes of its host.
+        crop_windows: (H, W) in slice pixels: also store the teacher's tokens of every window of
+            this size on the token grid (the ``crop`` teacher view of training; set it to the training
+            crop's in-plane size, e.g. 128×128). None: slice tokens only (the ``slice`` view).
         cases: only these case ids (the store still records the whole dataset).
         overwrite: delete an existing store at ``out`` first.
         progress: show a progress bar.
@@ -57,6 +60,7 @@ class ExtractSettings:
     read_threads: int = 2
     prefetch: int = 2
     teacher_streams: int | None = None
+    crop_windows: tuple[int, int] | None = None
     cases: tuple[str, ...] | None = None
     overwrite: bool = False
     progress: bool = True

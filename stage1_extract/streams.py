@@ -11,7 +11,7 @@ streams lose only the borrowed core. On a GPU one stream feeds the device.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -20,6 +20,7 @@ import torch
 from dinomix_cache.teacher import Teacher
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def default_streams(teacher: Teacher) -> int:
@@ -28,29 +29,33 @@ def default_streams(teacher: Teacher) -> int:
 
 
 def streamed_forward(
-    teacher: Teacher, items: Iterable[tuple[T, torch.Tensor]], streams: int
-) -> Iterator[tuple[T, torch.Tensor]]:
-    """Yield ``(tag, teacher.forward_slices(batch))`` for each ``(tag, batch)``, in input order.
+    teacher: Teacher, items: Iterable[tuple[T, torch.Tensor]], streams: int,
+    forward: Callable[[torch.Tensor], R] | None = None,
+) -> Iterator[tuple[T, R]]:
+    """Yield ``(tag, forward(batch))`` for each ``(tag, batch)``, in input order.
 
     Args:
         teacher: the loaded teacher (thread-safe at inference: eval mode, no state changes).
         items: (tag, slices) pairs; slices (B, H, W) float32 in [0, 1]. Consumed lazily, so the
             producer (reading cases) runs while up to ``streams`` forwards are in flight.
         streams: parallel forwards; each stream thread runs torch single-threaded when > 1.
+        forward: what runs on each batch; default ``teacher.forward_slices`` ((B, h, w, C) float32
+            CPU features). Stage one passes :func:`~stage1_extract.windows.slice_forward`.
 
     Returns:
-        An iterator of (tag, (B, h, w, C) float32 CPU features).
+        An iterator of (tag, forward's result).
     """
+    run = forward if forward is not None else teacher.forward_slices
     if streams <= 1:
         for tag, batch in items:
-            yield tag, teacher.forward_slices(batch)
+            yield tag, run(batch)  # type: ignore[misc]
         return
-    pending: deque[tuple[T, Future[torch.Tensor]]] = deque()
+    pending: deque[tuple[T, Future]] = deque()
     with ThreadPoolExecutor(streams, thread_name_prefix="teacher", initializer=torch.set_num_threads,
                             initargs=(1,)) as pool:
         try:
             for tag, batch in items:
-                pending.append((tag, pool.submit(teacher.forward_slices, batch)))
+                pending.append((tag, pool.submit(run, batch)))
                 if len(pending) >= streams:
                     tag0, future = pending.popleft()
                     yield tag0, future.result()

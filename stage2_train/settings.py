@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dinomix_cache.errors import UserError
 from dinomix_cache.locations import as_location
 from stage2_train.pic import PicSettings
+from stage2_train.teacher_views import TEACHER_VIEWS
 
 PRESETS = ("paper", "cpu-small")
 CROP_GRIDS = ("token", "voxel")
+
+
+class SettingsError(UserError, ValueError):
+    """Training settings that cannot work (a ValueError; the CLI prints it as one line, exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,16 @@ class TrainSettings:
         seed: seeds every random draw.
         checkpoint_every: iterations between atomic ``latest`` checkpoints.
         projector_hidden: hidden channels of the projector (None = one 1x1x1 conv).
-        crop_grid: where training crops may start in-plane. ``token`` (default): on the store's token
-            grid (every 16 pixels when the teacher saw the slices at their own size), so an unmixed
-            crop's tokens are the stored tokens and ``hybrid`` targets match ``online`` ones;
-            ``voxel``: any offset (DHC's RandomCrop), more translation augmentation, but the cached
-            tokens straddle the student's cells (``hybrid`` cosine 0.83 instead of 1.0 with a random
-            ViT-S/16). The z offset is free either way (features are per slice).
+        teacher_view: what the teacher sees of x_mix. ``slice`` (default): whole preprocessed slices,
+            as in stage one (an altered slice altered as a whole slice); cached targets of unaltered
+            slices are then the teacher's exactly, for any crop offset. ``crop``: the crop itself, as
+            the paper's training loop does; cached targets then need a store with crop windows of the
+            crop's in-plane size (``extract --crop-windows``).
+        crop_grid: where training crops may start in-plane. ``voxel``: any offset (DHC's RandomCrop);
+            ``token``: on the store's token grid (every 16 pixels when the teacher saw the slices at
+            their own size), where the crop view's stored windows lie. None (default) resolves to
+            ``voxel`` in the slice view, which is exact at any offset, and ``token`` in the crop view,
+            where other offsets take the nearest stored window (approximate).
         dropout: the VNet's Dropout3d(0.5) on x5 and the last decoder feature (DHC). Off in
             ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a batch of
             two crops then stayed at 6 % Dice after 150 steps (22 % after 100 without it).
@@ -81,13 +91,20 @@ class TrainSettings:
     checkpoint_every: int = 50
     projector_hidden: int | None = None
     dropout: bool = True
-    crop_grid: str = "token"
+    teacher_view: str = "slice"
+    crop_grid: str | None = None
 
     def __post_init__(self) -> None:
         # Every reader of `cache` then sees one form, whether it came from the CLI (str), JSON or Path().
         object.__setattr__(self, "cache", as_location(self.cache))
+        if self.teacher_view not in TEACHER_VIEWS:
+            raise SettingsError(f"unknown teacher view {self.teacher_view!r} (--teacher-view): use one of "
+                                f"{', '.join(TEACHER_VIEWS)}")
+        if self.crop_grid is None:
+            object.__setattr__(self, "crop_grid", "voxel" if self.teacher_view == "slice" else "token")
         if self.crop_grid not in CROP_GRIDS:
-            raise ValueError(f"unknown crop grid {self.crop_grid!r}: use one of {', '.join(CROP_GRIDS)}")
+            raise SettingsError(f"unknown crop grid {self.crop_grid!r} (--crop-grid): use one of "
+                                f"{', '.join(CROP_GRIDS)}")
 
     def resolved(self) -> TrainSettings:
         """A copy with the run folder filled in."""

@@ -60,7 +60,7 @@ def load_store_teacher(store: FeatureStore, targets: str) -> Teacher:
     recorded = store.meta["teacher"]
     try:
         teacher = load_teacher(TeacherSettings(source=recorded["source"], revision=recorded.get("revision"),
-                                               dtype=recorded["dtype"]))
+                                               dtype=recorded["dtype"], input_size=tuple(recorded["input_size"])))
     except UserError as exc:
         raise UserError(f"--targets {targets} needs the store's teacher: {exc} "
                         "(or train with --targets cache, which needs no teacher)") from None
@@ -76,7 +76,17 @@ def load_policy(settings: TrainSettings, store: FeatureStore, volumes: VolumeCac
     if not settings.fkd or settings.labeled_only:
         return None
     teacher = load_store_teacher(store, settings.targets) if settings.targets in ("online", "hybrid") else None
-    return make_policy(settings.targets, store, volumes, teacher)
+    policy = make_policy(settings.targets, store, volumes, teacher, view=settings.teacher_view)
+    if policy.reads_cache:
+        try:
+            policy.view.check_crop(settings.crop)
+        except ValueError as exc:
+            raise UserError(f"--teacher-view {settings.teacher_view} with --targets {settings.targets}: {exc}; "
+                            "extract a store whose --crop-windows match the crop, or use --targets online") from None
+        if settings.teacher_view == "crop" and settings.crop_grid == "voxel":
+            log.warning("--teacher-view crop with --crop-grid voxel: crop windows exist on the token grid only, so "
+                        "cached targets of crops between them are the nearest window's (approximate)")
+    return policy
 
 
 def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str]) -> tuple[float, list[float]]:

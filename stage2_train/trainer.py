@@ -36,7 +36,8 @@ from stage2_train.networks import DinoMixStudent, EmaTeacher, StudentOutput, stu
 from stage2_train.pic import pic_batch
 from stage2_train.sampling import Crop, IterationSampler, VolumeCache, random_crop, random_gamma
 from stage2_train.settings import TrainSettings
-from stage2_train.targets import MixedCrop, TargetPolicy, token_pixels
+from stage2_train.target_geometry import token_pixels
+from stage2_train.targets import MixedCrop, TargetPolicy
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Distillation targets: cache windows, online / cache / hybrid policies against hand computations."""
+"""Distillation targets: online / cache / hybrid in both teacher views, against hand computations and
+against each other with a teacher whose tokens depend on their context (``random:ctx-tiny``)."""
 
 from __future__ import annotations
 
@@ -14,40 +15,34 @@ from dinomix_cache.preprocess import PreprocessSettings
 from dinomix_cache.store import FeatureStore
 from dinomix_cache.teacher import TeacherSettings, load_teacher
 from stage1_extract.runner import run_extraction
-from stage2_train.sampling import Crop, VolumeCache
-from stage2_train.targets import (
-    CacheTargets,
-    HybridTargets,
-    MixedCrop,
-    OnlineTargets,
-    cache_window,
-    cosine_fidelity,
-    make_policy,
-    measure_fidelity,
-)
+from stage2_train.fidelity import cosine_fidelity
+from stage2_train.sampling import Crop, VolumeCache, random_crop
+from stage2_train.target_geometry import cache_window
+from stage2_train.targets import CacheTargets, HybridTargets, MixedCrop, OnlineTargets, make_policy
 
-SHAPE = (32, 64, 64)  # (D, H, W): 4 x 4 token grid, 128 channels with random:tiny
+SHAPE = (32, 64, 64)  # (D, H, W): 4 x 4 token grid, 128 channels with the tiny teachers
 C = 128
+WINDOW = (48, 48)  # crop windows of the crop view: 2 x 2 positions of 3 x 3 tokens
+TEACHER = "random:ctx-tiny"
 
 
 @pytest.fixture(scope="module")
 def env(phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("targets") / "s.zarr"
     settings = tiny_settings(phantom_dir, out, cases=("0001", "0002", "0003"),
-                             preprocess=PreprocessSettings(target_shape=SHAPE))
+                             preprocess=PreprocessSettings(target_shape=SHAPE),
+                             teacher=TeacherSettings(source=TEACHER), crop_windows=WINDOW)
     run_extraction(settings)
     store = FeatureStore.open(out)
     cases = store.complete_cases()
     volumes = VolumeCache(store, cases, with_labels=False)
-    teacher = load_teacher(TeacherSettings(source="random:tiny", device="cpu"))
+    teacher = load_teacher(TeacherSettings(source=TEACHER, device="cpu"))
     return store, volumes, teacher, cases
 
 
-def pool_slices(per_slice: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
-    """(Z, gh, gw, C) per-slice grids → (C, Z/16, Y/16, X/16), by hand."""
-    grid = F.adaptive_avg_pool2d(per_slice.permute(0, 3, 1, 2), cells)  # (Z, C, y, x)
-    z = per_slice.shape[0] // 16
-    return grid.reshape(z, 16, *grid.shape[1:]).mean(1).permute(1, 0, 2, 3)
+def z_pool(cells: torch.Tensor) -> torch.Tensor:
+    """(Z, y, x, C) per-slice cell maps → (C, Z/16, y, x)."""
+    return cells.reshape(cells.shape[0] // 16, 16, *cells.shape[1:]).mean(1).permute(3, 0, 1, 2)
 
 
 def mixed_image(volumes, item):
@@ -57,102 +52,120 @@ def mixed_image(volumes, item):
     return image
 
 
-# ------------------------------------------------------------------------------------------ cache_window
+def assert_teachers_targets(got: torch.Tensor, reference: torch.Tensor) -> None:
+    """Equal up to the store's float16 rounding: every cell's cosine ≥ 0.9999, and no value off by more
+    than two float16 steps of the largest token value (a cell is an average of tokens)."""
+    cells = F.cosine_similarity(got.double(), reference.double(), dim=1)
+    assert float(cells.min()) >= 0.9999, f"worst cell cosine {float(cells.min()):.5f}"
+    step = 2.0 ** -10 * float(reference.abs().max())
+    assert float((got - reference).abs().max()) <= 2 * step
 
 
-@pytest.mark.parametrize("mapping", ["area", "bilinear"])
-def test_cache_window_token_aligned_is_the_stored_tokens(mapping):
-    feats = torch.randn(3, 5, 6, 7)
-    out = cache_window(feats, (16, 32), (48, 32), (16.0, 16.0), mapping)
-    assert out.shape == (3, 3, 2, 7) and out.dtype == torch.float32
-    torch.testing.assert_close(out, feats[:, 1:4, 2:4], rtol=0, atol=0)
+def random_items(volumes, cases, size, rng, grid=(1, 1, 1), flip=False, mixed=False):
+    items = []
+    for k in range(4):
+        unl = random_crop(cases[k % 3], volumes.shape(cases[k % 3]), size, rng, flip=flip, grid=grid)
+        if not mixed:
+            items.append(MixedCrop(unl))
+            continue
+        lab = random_crop(cases[(k + 1) % 3], volumes.shape(cases[(k + 1) % 3]), size, rng, grid=grid)
+        box = []
+        for n in size:
+            side = int(rng.integers(n // 4, 3 * n // 4 + 1))
+            start = int(rng.integers(0, n - side + 1))
+            box.append(slice(start, start + side))
+        items.append(MixedCrop(unl, lab, tuple(box)))
+    return items
 
 
-@pytest.mark.parametrize("mapping", ["area", "bilinear"])
-def test_cache_window_whole_slice_is_the_grid(mapping):
-    feats = np.random.default_rng(0).normal(size=(2, 4, 4, 5)).astype(np.float16)
-    out = cache_window(feats, (0, 0), (64, 64), (16.0, 16.0), mapping)
-    torch.testing.assert_close(out, torch.from_numpy(feats.astype(np.float32)), rtol=0, atol=0)
+# ------------------------------------------------------------------------- the promise: cache = teacher
 
 
-def test_cache_window_half_token_area_is_the_neighbour_mean():
-    feats = torch.randn(1, 4, 4, 3)
-    out = cache_window(feats, (8, 0), (16, 16), (16.0, 16.0), "area")
-    torch.testing.assert_close(out[0, 0, 0], (feats[0, 0, 0] + feats[0, 1, 0]) / 2)
-    out = cache_window(feats, (8, 24), (16, 16), (16.0, 16.0), "area")  # half a token on both axes
-    torch.testing.assert_close(out[0, 0, 0], feats[0, 0:2, 1:3].mean((0, 1)))
-    # bilinear samples the cell centre (pixel 16 = the border between tokens 0 and 1): the same mean
-    out = cache_window(feats, (8, 0), (16, 16), (16.0, 16.0), "bilinear")
-    torch.testing.assert_close(out[0, 0, 0], (feats[0, 0, 0] + feats[0, 1, 0]) / 2)
+def test_slice_view_cache_and_hybrid_equal_online_for_a_context_sensitive_teacher(env):
+    store, volumes, teacher, cases = env
+    rng = np.random.default_rng(0)
+    size = (32, 48, 32)
+    online = OnlineTargets(store, volumes, teacher)
+    plain = random_items(volumes, cases, size, rng)  # any in-plane offset, not only the token grid
+    assert any(o % 16 for item in plain for o in item.unlabeled.offset[1:])
+    assert_teachers_targets(CacheTargets(store).targets(plain)[0], online.targets(plain)[0])
+    hybrid = HybridTargets(store, volumes, teacher)
+    for items in (random_items(volumes, cases, size, rng, mixed=True),
+                  random_items(volumes, cases, size, rng, flip=True, mixed=True)):
+        out, frac = hybrid.targets(items)
+        assert 0.0 < frac < 1.0 or any(i.unlabeled.flips[1] or i.unlabeled.flips[2] for i in items)
+        assert_teachers_targets(out, online.targets(items)[0])
+    flipped = [MixedCrop(replace(item.unlabeled, flips=(False, True, True))) for item in plain]
+    out, frac = hybrid.targets(flipped)
+    assert frac == 1.0
+    assert_teachers_targets(out, online.targets(flipped)[0])
 
 
-def test_cache_window_area_equals_bilinear_for_16px_tokens():
-    # a 16 px cell over 16 px tokens overlaps two tokens exactly by the bilinear weights of its centre
-    feats = torch.randn(2, 6, 5, 4)
-    for offset in ((0, 0), (5, 11), (13, 3), (32, 16)):
-        area = cache_window(feats, offset, (48, 64), (16.0, 16.0), "area")
-        torch.testing.assert_close(area, cache_window(feats, offset, (48, 64), (16.0, 16.0), "bilinear"))
+def test_crop_view_cache_and_hybrid_equal_online_with_a_windows_store(env):
+    store, volumes, teacher, cases = env
+    rng = np.random.default_rng(1)
+    size = (32, *WINDOW)
+    grid = (1, 16, 16)  # crop windows lie on the token grid
+    online = OnlineTargets(store, volumes, teacher, view="crop")
+    plain = random_items(volumes, cases, size, rng, grid=grid)
+    assert_teachers_targets(CacheTargets(store, view="crop").targets(plain)[0], online.targets(plain)[0])
+    hybrid = HybridTargets(store, volumes, teacher, view="crop")
+    for items in (random_items(volumes, cases, size, rng, grid=grid, mixed=True),
+                  random_items(volumes, cases, size, rng, grid=grid, flip=True, mixed=True)):
+        assert_teachers_targets(hybrid.targets(items)[0], online.targets(items)[0])
 
 
-def test_cache_window_fractional_tokens_and_errors():
-    feats = torch.randn(1, 2, 2, 3)  # 2 x 2 tokens over a 48 x 48 slice: 24 px per token
-    out = cache_window(feats, (0, 0), (48, 48), (24.0, 24.0), "area")
-    f = feats[0]
-    torch.testing.assert_close(out[0, 0, 0], f[0, 0])  # pixels [0, 16) lie in token 0
-    torch.testing.assert_close(out[0, 2, 2], f[1, 1])  # pixels [32, 48) lie in token 1
-    torch.testing.assert_close(out[0, 1, 1], f.mean((0, 1)))  # [16, 32): 8 px of each token
-    torch.testing.assert_close(out[0, 0, 1], (f[0, 0] + f[0, 1]) / 2)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        cache_window(feats, (0, 0), (40, 48), (24.0, 24.0), "area")
-    with pytest.raises(ValueError, match="outside"):
-        cache_window(feats, (16, 0), (48, 48), (24.0, 24.0), "area")
-    with pytest.raises(ValueError, match="mapping"):
-        cache_window(feats, (0, 0), (48, 48), (24.0, 24.0), "nearest")
+def test_the_two_views_differ_for_this_teacher(env):
+    # What the old cache got wrong: whole-slice tokens are not the crop's tokens for a teacher that
+    # sees context, so a test with this teacher fails if a view takes the other's targets.
+    store, volumes, teacher, cases = env
+    items = random_items(volumes, cases, (32, *WINDOW), np.random.default_rng(2), grid=(1, 16, 16))
+    slice_cache = CacheTargets(store).targets(items)[0]
+    crop_online = OnlineTargets(store, volumes, teacher, view="crop").targets(items)[0]
+    assert cosine_fidelity(slice_cache, crop_online) < 0.99
 
 
-def test_cosine_fidelity():
-    a = torch.randn(2, 8, 1, 2, 2)
-    assert cosine_fidelity(a, a) == pytest.approx(1.0)
-    assert cosine_fidelity(a, -a) == pytest.approx(-1.0)
-    assert cosine_fidelity(a, 3 * a) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="shapes differ"):
-        cosine_fidelity(a, a[:1])
+# ------------------------------------------------------------------------- hand computations
 
 
-def test_mixed_crop_validation():
-    unl = Crop("0001", (0, 0, 0), (32, 48, 48))
-    item = MixedCrop(unl, replace(unl, case_id="0002"), (slice(None), slice(8, None), slice(0, 0)))
-    assert item.box == (slice(0, 32), slice(8, 48), slice(0, 0)) and not item.mixed
-    assert not MixedCrop(unl).mixed
-    with pytest.raises(ValueError, match="both"):
-        MixedCrop(unl, unl)
-    with pytest.raises(ValueError, match="size"):
-        MixedCrop(unl, replace(unl, size=(16, 48, 48)), (slice(0, 1),) * 3)
+def test_online_slice_view_equals_hand_computation(env):
+    store, volumes, teacher, cases = env
+    unl = Crop(cases[0], (0, 5, 11), (32, 32, 48), (False, True, False))
+    lab = Crop(cases[1], (0, 20, 3), (32, 32, 48), (False, True, False))
+    item = MixedCrop(unl, lab, (slice(3, 21), slice(7, 30), slice(10, 41)))
+    out, frac = OnlineTargets(store, volumes, teacher).targets([item])
+    assert out.shape == (1, C, 2, 2, 3) and out.dtype == torch.float32 and frac == 1.0
+    # the whole slice, flipped as the crop is (rows), with x_mix pasted at the crop's flipped place
+    full = torch.flip(torch.from_numpy(volumes.image(cases[0])[0:32].astype(np.float32)), [1])
+    y0 = SHAPE[1] - 5 - 32
+    full[:, y0:y0 + 32, 11:11 + 48] = mixed_image(volumes, item)
+    tokens = teacher.forward_slices(full)
+    expected = z_pool(cache_window(tokens, (y0, 11), (32, 48), (16.0, 16.0), "area"))
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------ policies
-
-
-def test_online_equals_hand_computation(env):
+def test_online_crop_view_equals_hand_computation(env):
     store, volumes, teacher, cases = env
     unl = Crop(cases[0], (0, 5, 11), (32, 32, 48))
     lab = Crop(cases[1], (0, 20, 3), (32, 32, 48), (False, True, False))
     item = MixedCrop(unl, lab, (slice(3, 21), slice(7, 30), slice(10, 41)))
-    policy = OnlineTargets(store, volumes, teacher)
-    out, frac = policy.targets([item])
-    assert out.shape == (1, C, 2, 2, 3) and out.dtype == torch.float32 and frac == 1.0
-    expected = pool_slices(teacher.forward_slices(mixed_image(volumes, item)), (2, 3))
-    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+    out, _ = OnlineTargets(store, volumes, teacher, view="crop").targets([item])
+    tokens = teacher.forward_slices(mixed_image(volumes, item))  # 2 x 3 tokens of 16 px: one per cell
+    torch.testing.assert_close(out[0], z_pool(tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_cache_unmixed_aligned_is_pooled_stored_features(env):
-    store, volumes, _, cases = env
+def test_cache_unmixed_is_the_stored_tokens_under_the_cells(env):
+    store, _, _, cases = env
     crop = Crop(cases[2], (0, 16, 0), (32, 32, 48))
+    feats = torch.from_numpy(store.read_features(cases[2], 0, 32).astype(np.float32))
     for mapping in ("area", "bilinear"):
         out, frac = CacheTargets(store, mapping=mapping).targets([MixedCrop(crop)])
         assert out.shape == (1, C, 2, 2, 3) and out.dtype == torch.float32 and frac == 0.0
-        feats = torch.from_numpy(store.read_features(cases[2], 0, 32).astype(np.float32))[:, 1:3, 0:3]
-        torch.testing.assert_close(out[0], pool_slices(feats, (2, 3)), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[0], z_pool(feats[:, 1:3, 0:3]), rtol=0, atol=1e-6)
+    window = Crop(cases[2], (0, 16, 0), (32, *WINDOW))
+    out, _ = CacheTargets(store, view="crop").targets([MixedCrop(window)])
+    stored = torch.from_numpy(store.read_windows(cases[2], 0, 32)[:, 1, 0].astype(np.float32))
+    torch.testing.assert_close(out[0], z_pool(stored), rtol=0, atol=1e-6)
 
 
 def _pixel_features(store, crop: Crop) -> torch.Tensor:
@@ -178,13 +191,14 @@ def test_cache_with_box_equals_pixel_composite(env):
     assert bilinear.shape == out.shape and cosine_fidelity(bilinear, out) > 0.8
 
 
-def test_hybrid_recomputes_box_slices_and_flips(env):
+@pytest.mark.parametrize("view", ["slice", "crop"])
+def test_hybrid_recomputes_box_slices_and_flips(env, view):
     store, volumes, teacher, cases = env
-    online = OnlineTargets(store, volumes, teacher)
-    cache = CacheTargets(store)
-    hybrid = HybridTargets(store, volumes, teacher)
-    unl = Crop(cases[0], (0, 9, 2), (32, 48, 48))
-    lab = Crop(cases[1], (0, 1, 14), (32, 48, 48))
+    online = OnlineTargets(store, volumes, teacher, view=view)
+    cache = CacheTargets(store, view=view)
+    hybrid = HybridTargets(store, volumes, teacher, view=view)
+    unl = Crop(cases[0], (0, 16, 0), (32, 48, 48))
+    lab = Crop(cases[1], (0, 0, 16), (32, 48, 48))
 
     # the box fills z-cell 0 exactly: cell 0 is online's, cell 1 cache's
     whole = MixedCrop(unl, lab, (slice(0, 16), slice(4, 30), slice(20, 44)))
@@ -195,10 +209,8 @@ def test_hybrid_recomputes_box_slices_and_flips(env):
 
     # a box over 8 of the 32 slices, batched with an unmixed crop: 8 of 64 slices recomputed
     part = MixedCrop(unl, lab, (slice(5, 13), slice(0, 48), slice(0, 10)))
-    _, frac = hybrid.targets([part])
-    assert frac == 8 / 32
-    _, frac = hybrid.targets([part, MixedCrop(lab)])
-    assert frac == 8 / 64
+    assert hybrid.targets([part])[1] == 8 / 32
+    assert hybrid.targets([part, MixedCrop(lab)])[1] == 8 / 64
 
     # unmixed: all from the store; an in-plane flip: all recomputed; a z flip only reorders slices
     plain = MixedCrop(unl)
@@ -213,11 +225,6 @@ def test_hybrid_recomputes_box_slices_and_flips(env):
     out, frac = hybrid.targets([zflip])
     assert frac == 0.0
     torch.testing.assert_close(out, torch.flip(cache.targets([plain])[0], [2]), rtol=0, atol=1e-6)
-    # the labeled crop's flips do not matter: its box slices are recomputed anyway
-    lab_flipped = MixedCrop(unl, replace(lab, flips=(True, True, True)), part.box)
-    out, frac = hybrid.targets([lab_flipped])
-    assert frac == 8 / 32
-    torch.testing.assert_close(out[:, :, 1], cache.targets([lab_flipped])[0][:, :, 1], rtol=0, atol=1e-6)
 
 
 def test_teacher_batches_at_most_64(env, monkeypatch):
@@ -225,14 +232,17 @@ def test_teacher_batches_at_most_64(env, monkeypatch):
     sizes = []
     forward = teacher.forward_slices
 
-    def spy(slices):
+    def spy(slices, **kwargs):
         sizes.append(slices.shape[0])
-        return forward(slices)
+        return forward(slices, **kwargs)
 
     monkeypatch.setattr(teacher, "forward_slices", spy)
     items = [MixedCrop(Crop(c, (0, 0, 0), (32, 32, 32))) for c in cases]
     out, frac = OnlineTargets(store, volumes, teacher).targets(items)
     assert sizes == [64, 32] and frac == 1.0 and out.shape == (3, C, 2, 2, 2)
+
+
+# ------------------------------------------------------------------------- refusals and other geometries
 
 
 def test_bad_crop_sizes(env):
@@ -242,6 +252,8 @@ def test_bad_crop_sizes(env):
     with pytest.raises(ValueError, match="differ"):
         CacheTargets(store).targets([MixedCrop(Crop(cases[0], (0, 0, 0), (16, 32, 32))),
                                      MixedCrop(Crop(cases[0], (0, 0, 0), (32, 32, 32)))])
+    with pytest.raises(ValueError, match="crop_windows.size"):
+        CacheTargets(store, view="crop").targets([MixedCrop(Crop(cases[0], (0, 0, 0), (16, 32, 32)))])
 
 
 def test_make_policy(env):
@@ -251,12 +263,16 @@ def test_make_policy(env):
             make_policy(name, store, volumes, None)
     policy = make_policy("cache", store, None, None)
     assert isinstance(policy, CacheTargets) and policy.teacher is None and policy.mapping == "area"
+    assert policy.view.name == "slice"
     assert isinstance(make_policy("hybrid", store, volumes, teacher), HybridTargets)
     assert make_policy("online", store, volumes, teacher, mapping="bilinear").mapping == "bilinear"
+    assert make_policy("hybrid", store, volumes, teacher, view="crop").view.name == "crop"
     with pytest.raises(ValueError, match="unknown target policy"):
         make_policy("teacher", store, volumes, teacher)
     with pytest.raises(ValueError, match="mapping"):
         make_policy("cache", store, volumes, None, mapping="nearest")
+    with pytest.raises(ValueError, match="teacher view"):
+        make_policy("cache", store, volumes, None, view="patch")
 
 
 def test_make_policy_refuses_another_teacher(env):
@@ -273,38 +289,45 @@ def test_make_policy_refuses_another_teacher(env):
         make_policy("hybrid", store, volumes, other)
 
 
+def test_crop_view_cache_needs_crop_windows(phantom_dir, tmp_path):
+    settings = tiny_settings(phantom_dir, tmp_path / "s.zarr", cases=("0001",))
+    run_extraction(settings)
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert store.crop_windows is None
+    volumes = VolumeCache(store, ["0001"], with_labels=False)
+    teacher = load_teacher(TeacherSettings(source="random:tiny", device="cpu"))
+    for name in ("cache", "hybrid"):
+        with pytest.raises(ValueError, match="--crop-windows"):
+            make_policy(name, store, volumes, teacher if name == "hybrid" else None, view="crop")
+    online = make_policy("online", store, volumes, teacher, view="crop")  # the teacher alone needs no windows
+    out, _ = online.targets([MixedCrop(Crop("0001", (0, 0, 0), (16, 32, 32)))])
+    assert out.shape == (1, C, 1, 2, 2)
+
+
 def test_teacher_input_size_differs_from_slices(phantom_dir, tmp_path):
     # 64 x 64 slices through a 32 x 32 teacher input: 2 x 2 tokens of 32 slice pixels each
+    teacher_settings = TeacherSettings(source=TEACHER, input_size=(32, 32))
     settings = tiny_settings(phantom_dir, tmp_path / "s.zarr", cases=("0001",),
-                             preprocess=PreprocessSettings(target_shape=(16, 64, 64)),
-                             teacher=TeacherSettings(source="random:tiny", input_size=(32, 32)))
+                             preprocess=PreprocessSettings(target_shape=(16, 64, 64)), teacher=teacher_settings)
     run_extraction(settings)
     store = FeatureStore.open(tmp_path / "s.zarr")
     volumes = VolumeCache(store, ["0001"], with_labels=False)
-    teacher = load_teacher(TeacherSettings(source="random:tiny", input_size=(32, 32), device="cpu"))
-    policy = make_policy("online", store, volumes, teacher)
-    assert policy.token_px == (32.0, 32.0) and policy.teacher.settings.input_size is None
-    assert teacher.settings.input_size == (32, 32)  # the caller's teacher is untouched
-    assert policy.teacher_crop_size((64, 32)) == (32, 16) and policy.teacher_crop_size((48, 48)) == (32, 32)
+    teacher = load_teacher(replace(teacher_settings, device="cpu"))
     crop = Crop("0001", (0, 16, 0), (16, 48, 32))
-    out, _ = policy.targets([MixedCrop(crop)])
-    image = F.interpolate(volumes.crop_image(crop), size=(32, 16), mode="bilinear", align_corners=False)[0]
-    grid = policy.teacher.forward_slices(image)
-    assert grid.shape == (16, 2, 1, C)
-    torch.testing.assert_close(out[0], pool_slices(grid, (3, 2)), rtol=1e-5, atol=1e-5)
-    cached, _ = make_policy("cache", store, None, None).targets([MixedCrop(crop)])
-    assert cached.shape == out.shape == (1, C, 1, 3, 2)
-    assert cosine_fidelity(cached, out) > 0
-
-
-def test_measure_fidelity_smoke(env):
-    store, volumes, teacher, _ = env
-    result = measure_fidelity(store, volumes, teacher, (32, 32, 32), 2, np.random.default_rng(0))
-    for row in result.values():
-        for key in ("cache-area", "cache-bilinear", "hybrid-area", "hybrid-bilinear"):
-            assert -1.0 <= row[key] <= 1.0 + 1e-9
-    assert result["unmixed"]["hybrid-recomputed"] == 0.0 < result["mixed"]["hybrid-recomputed"]
-    assert result["unmixed"]["hybrid-area"] == pytest.approx(result["unmixed"]["cache-area"])
+    # slice view: the whole slice at the store's input size, as stage one; exact at any offset
+    online = make_policy("online", store, volumes, teacher)
+    assert online.view.geometry.token_px == (32.0, 32.0)
+    out, _ = online.targets([MixedCrop(crop)])
+    assert out.shape == (1, C, 1, 3, 2)
+    assert_teachers_targets(make_policy("cache", store, None, None).targets([MixedCrop(crop)])[0], out)
+    # crop view: the crop at input / slice scale, 48 x 32 px -> 24 x 16 -> rounded to 32 x 16 (2 x 1 tokens)
+    crop_online = make_policy("online", store, volumes, teacher, view="crop")
+    assert crop_online.view.input_size((48, 32)) == (32, 16)
+    got, _ = crop_online.targets([MixedCrop(crop)])
+    image = volumes.crop_image(crop)[0]
+    tokens = teacher.forward_slices(image, input_size=(32, 16))
+    expected = z_pool(cache_window(tokens, (0, 0), (48, 32), (24.0, 32.0), "area"))
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_crop_outside_the_volume_is_refused(env):
