@@ -100,19 +100,25 @@ class TrainSettings:
         if self.teacher_view not in TEACHER_VIEWS:
             raise SettingsError(f"unknown teacher view {self.teacher_view!r} (--teacher-view): use one of "
                                 f"{', '.join(TEACHER_VIEWS)}")
-        if self.crop_grid is None:
-            object.__setattr__(self, "crop_grid", "voxel" if self.teacher_view == "slice" else "token")
-        if self.crop_grid not in CROP_GRIDS:
+        if self.crop_grid is not None and self.crop_grid not in CROP_GRIDS:
             raise SettingsError(f"unknown crop grid {self.crop_grid!r} (--crop-grid): use one of "
                                 f"{', '.join(CROP_GRIDS)}")
 
+    @property
+    def effective_crop_grid(self) -> str:
+        """``crop_grid``, or where it is None the view's own: ``voxel`` (slice view), ``token`` (crop view)."""
+        if self.crop_grid is not None:
+            return self.crop_grid
+        return "voxel" if self.teacher_view == "slice" else "token"
+
     def resolved(self) -> TrainSettings:
-        """A copy with the run folder filled in."""
-        if self.out is not None:
-            return self
-        name = str(self.cache).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip").removesuffix(".zarr")
-        mode = "labeled-only" if self.labeled_only else self.targets
-        return replace(self, out=Path("runs") / f"{name}-{mode}-seed{self.seed}")
+        """A copy with the run folder and the crop grid filled in (what the run's settings.json records)."""
+        out = self.out
+        if out is None:
+            name = str(self.cache).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip").removesuffix(".zarr")
+            mode = "labeled-only" if self.labeled_only else self.targets
+            out = Path("runs") / f"{name}-{mode}-seed{self.seed}"
+        return replace(self, out=out, crop_grid=self.effective_crop_grid)
 
 
 def preset(name: str, cache: Path | str) -> TrainSettings:

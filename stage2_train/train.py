@@ -83,7 +83,7 @@ def load_policy(settings: TrainSettings, store: FeatureStore, volumes: VolumeCac
         except ValueError as exc:
             raise UserError(f"--teacher-view {settings.teacher_view} with --targets {settings.targets}: {exc}; "
                             "extract a store whose --crop-windows match the crop, or use --targets online") from None
-        if settings.teacher_view == "crop" and settings.crop_grid == "voxel":
+        if settings.teacher_view == "crop" and settings.effective_crop_grid == "voxel":
             log.warning("--teacher-view crop with --crop-grid voxel: crop windows exist on the token grid only, so "
                         "cached targets of crops between them are the nearest window's (approximate)")
     return policy

@@ -161,7 +161,7 @@ class DinoMixIteration:
         self.network: Callable[[torch.Tensor], StudentOutput] = self.student
         if self.context is not None:
             self.network = self.context.wrap(self.student, self.unused_modules())
-        self.crop_grid = (1.0, *token_pixels(store)) if settings.crop_grid == "token" else (1.0, 1.0, 1.0)
+        self.crop_grid = (1.0, *token_pixels(store)) if settings.effective_crop_grid == "token" else (1.0, 1.0, 1.0)
         self.seg_loss = SegLoss()
         self.aux_loss = MaskedSegLoss(mode=settings.aux_mode)
 

@@ -67,6 +67,20 @@ def _siglip2_full():
     return transformers.Siglip2Model(cfg)
 
 
+def _vit_classifier():
+    # A fine-tuned ViT folder as users bring them: classification head, no pooler.
+    cfg = transformers.ViTConfig(**VIT, intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _vit_mae_pretraining():
+    # An MAE folder as published: encoder and decoder, mask ratio 0.75.
+    cfg = transformers.ViTMAEConfig(**VIT, intermediate_size=64, image_size=32, patch_size=8, decoder_hidden_size=16,
+                                    decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                    decoder_intermediate_size=32)
+    return transformers.ViTMAEForPreTraining(cfg)
+
+
 # name -> (builder, vision class, expected prefix tokens, slice size to test (non-native where possible))
 FAMILIES = {
     "dinov3": (_dinov3, transformers.DINOv3ViTModel, 5, (48, 32)),
@@ -76,6 +90,8 @@ FAMILIES = {
     "clip_native": (_clip_full, transformers.CLIPVisionModel, 1, (32, 32)),
     "siglip": (_siglip_vision, transformers.SiglipVisionModel, 0, (24, 40)),
     "siglip2": (_siglip2_full, transformers.Siglip2VisionModel, 0, (40, 24)),
+    "vit": (_vit_classifier, transformers.ViTModel, 1, (40, 24)),
+    "vit_mae": (_vit_mae_pretraining, transformers.ViTMAEModel, 1, (32, 32)),
 }
 
 
@@ -107,6 +123,9 @@ def checkpoints(tmp_path_factory):
 def _reference(teacher: Teacher, name: str, path, slices: torch.Tensor) -> torch.Tensor:
     """Hand computation through the raw HF model: repeat to 3 channels, normalise, slice off the prefix."""
     _, vision_cls, prefix, _ = FAMILIES[name]
+    if name == "vit_mae":
+        # MAE's encoder is a plain ViT: the same weights in a ViTModel give the unmasked, unshuffled tokens.
+        vision_cls = transformers.ViTModel
     model = vision_cls.from_pretrained(path, dtype=torch.float32).eval()
     mean = torch.tensor(teacher.mean).view(1, 3, 1, 1)
     std = torch.tensor(teacher.std).view(1, 3, 1, 1)
@@ -123,7 +142,7 @@ def _reference(teacher: Teacher, name: str, path, slices: torch.Tensor) -> torch
                 pixel_attention_mask=torch.ones(b, h * w, dtype=torch.int32),
                 spatial_shapes=torch.tensor([[h, w]] * b),
             )
-        elif name.startswith(("clip", "siglip")):
+        elif name.startswith(("clip", "siglip", "vit")):
             out = model(pixel_values=x, interpolate_pos_encoding=(height, width) != (32, 32))
         else:
             out = model(pixel_values=x)
@@ -276,10 +295,9 @@ def test_pickle_only_checkpoint_is_refused(checkpoints, tmp_path):
 
 
 def test_unsupported_model_type(tmp_path):
-    transformers.ViTModel(transformers.ViTConfig(**VIT, intermediate_size=64, image_size=32)).save_pretrained(
-        tmp_path
-    )
-    with pytest.raises(UserError, match="model_type 'vit'"):
+    cfg = transformers.SwinConfig(embed_dim=8, depths=[1], num_heads=[1], image_size=32, patch_size=4)
+    transformers.SwinModel(cfg).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="model_type 'swin'"):
         load_teacher(TeacherSettings(source=str(tmp_path)))
 
 

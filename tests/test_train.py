@@ -183,3 +183,18 @@ def test_token_grid_crops(train_store, tmp_path):
         assert offsets <= allowed and len(offsets) >= 3
     with pytest.raises(ValueError, match="crop grid"):
         small(train_store, None, crop_grid="pixel")
+
+
+def test_teacher_view_is_recorded_and_the_crop_view_needs_matching_windows(train_store, tmp_path):
+    run = train(small(train_store, tmp_path / "slice"), max_steps=1)
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["teacher_view"] == "slice" and settings["crop_grid"] == "voxel"  # exact at any offset
+    run = train(small(train_store, tmp_path / "crop", teacher_view="crop", targets="online"), max_steps=1)
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["teacher_view"] == "crop" and settings["crop_grid"] == "token"
+    for targets in ("cache", "hybrid"):
+        with pytest.raises(UserError, match="--crop-windows"):
+            train(small(train_store, tmp_path / targets, teacher_view="crop", targets=targets), max_steps=1)
+        assert not (tmp_path / targets).exists()
+    with pytest.raises(ValueError, match="teacher view"):
+        small(train_store, None, teacher_view="window")
