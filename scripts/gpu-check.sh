@@ -44,7 +44,7 @@ if (( DRY_RUN )); then
     # Tiny and on CPU even where a GPU is present; the phantom lives in the temporary folder.
     export CUDA_VISIBLE_DEVICES=""
     export PYTHONDONTWRITEBYTECODE=1
-    BUDGET_S=${GPU_CHECK_BUDGET_S:-600}  # generous: shared CPUs can be slow, and nothing here is timed for real
+    BUDGET_S=${GPU_CHECK_BUDGET_S:-900}  # generous: shared CPUs can be slow, and nothing here is timed for real
     DATA="$WORK/phantom"
     PHANTOM=(--data "$DATA" --phantom-cases 6 --phantom-matrix 64 --target-shape 32x64x64)
     DEVICE=cpu
@@ -55,7 +55,7 @@ if (( DRY_RUN )); then
     BENCH_EXTRACT=(--max-cases 1 --repeats 1)
     BENCH_TARGETS=(--steps 1)
     TRAIN_STEPS=${GPU_CHECK_TRAIN_STEPS:-2}
-    T_EXTRACT=120 T_BENCH_EXTRACT=120 T_BENCH_TARGETS=300 T_TRAIN=150
+    T_EXTRACT=180 T_BENCH_EXTRACT=180 T_BENCH_TARGETS=480 T_TRAIN=240  # guards against a hang only
 else
     BUDGET_S=${GPU_CHECK_BUDGET_S:-420}  # with the timeouts' grace and the summary: under 8 minutes
     DATA=data/phantom

@@ -17,7 +17,7 @@ def test_gpu_check_dry_run_writes_every_json(tmp_path):
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run(["bash", "scripts/gpu-check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
 
     summary = json.loads((out / "summary.json").read_text())
