@@ -3,7 +3,7 @@
 # policy, and a few minutes of training, on the phantom; one JSON file per step and a summary.
 #
 #   OUT=/some/folder bash scripts/gpu-check.sh            # on a GPU machine, under 8 minutes
-#   OUT=/some/folder bash scripts/gpu-check.sh --dry-run  # the same sequence, tiny, on CPU (1-3 minutes)
+#   OUT=/some/folder bash scripts/gpu-check.sh --dry-run  # the same sequence, tiny, on CPU (1-5 minutes)
 #
 # Run from the repository root. The packages come from PYTHONPATH (or an installed copy): commands
 # run as "$PYTHON -m dinomix_cache ...", PYTHON defaulting to python. Outputs in $OUT (default
