@@ -3,9 +3,12 @@
 For each run, every case of the split (``test`` by default) is segmented by sliding-window inference
 (:mod:`stage2_train.inference`) in the store's preprocessed grid (80×160×160 for Synapse), and scored
 there with DHC's rules (:func:`stage2_train.metrics.case_metrics`): Dice in %, ASD in voxels of that
-grid, so numbers compare with the paper's Tables 1-2. Where the original label files are reachable,
-the prediction is also mapped back to each case's original grid and ASD is given in millimetres
-there, labelled as such. Several runs (seeds) give mean ± std over runs, as the paper reports.
+grid, so numbers compare with the paper's Tables 1-2. ASD is DHC's (medpy ``asd(pred, label)``): the
+mean distance from the prediction's surface to the label's, directed. The symmetric distance is
+reported apart as ASSD (medpy ``assd``: both directed distance sets pooled); it is not in the paper.
+Where the original label files are reachable, the prediction is also mapped back to each case's
+original grid and ASD and ASSD are given in millimetres there, labelled as such. Several runs (seeds)
+give mean ± std over runs, as the paper reports.
 
 Outputs in the evaluation folder (default ``RUN/evaluation-<split>`` for one run, ``PARENT/
 evaluation-<split>`` for several): ``results.json`` (everything), ``cases.csv`` (run × case ×
@@ -44,6 +47,18 @@ __all__ = ["EvalCase", "EvaluateSettings", "evaluate", "evaluation_cases"]
 
 log = logging.getLogger("dinomix_cache.evaluate")
 
+# What the keys of results.json and the columns of cases.csv hold (saved in results.json as "metrics").
+METRIC_DEFINITIONS = {
+    "dice": "Dice in percent: 100 x medpy dc(pred == c, label == c)",
+    "asd": "average surface distance, directed: medpy asd(pred == c, label == c), the mean distance from "
+           "the prediction's surface voxels to the label's surface (DHC's ASD, the paper's)",
+    "assd": "average symmetric surface distance: medpy 0.5.2 assd, both directed distance sets pooled "
+            "(not in the paper)",
+    "absent classes": "convention dhc: in one of pred / label only -> Dice 0, ASD and ASSD 128 (voxels; "
+                      "NaN in mm); in neither -> Dice 1, ASD and ASSD 0; convention strict: NaN, left out",
+    "units": "voxel: the store's preprocessed grid; mm: each case's original geometry",
+}
+
 
 @dataclass(frozen=True)
 class EvaluateSettings:
@@ -55,12 +70,12 @@ class EvaluateSettings:
         out: the evaluation folder (default: see the module docstring).
         cache: the store (folder, ``.zip`` or URL), if it moved since training (it must be the same store).
         data: the dataset folder: rebuilds the volumes when the store is gone or holds none, and
-            finds the original labels for ASD in mm (default: the folder the store was extracted from).
+            finds the original labels for ASD / ASSD in mm (default: the folder the store was extracted from).
         checkpoint: ``best`` (best validation Dice, as the peers) or ``latest``.
         stride: sliding-window stride (D, H, W) in voxels.
         sw_batch_size: windows per forward pass.
         convention: ``dhc`` (the paper's absent-class rules) or ``strict`` (absent → NaN, left out).
-        mm: also ASD in mm in the original geometry (needs the original label files).
+        mm: also ASD and ASSD in mm in the original geometry (needs the original label files).
         figures: draw ``dice.png`` and ``qualitative.png``.
         progress: show a progress bar.
     """
@@ -177,7 +192,7 @@ def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
 
 
 def _mm_metrics(pred: np.ndarray, case: EvalCase, model: RunModel, convention: str) -> CaseMetrics | None:
-    """Metrics in the case's original grid (ASD in mm), or None without geometry or label file."""
+    """Metrics in the case's original grid (ASD and ASSD in mm), or None without geometry or label file."""
     source = case.source or {}
     if case.source_label is None or not source.get("affine") or not case.source_label.name.endswith((".nii", ".gz")):
         return None
@@ -232,7 +247,8 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
                          "summary_mm": summarize(mm) if mm and len(mm) == len(voxel) else None, "cases": cases})
     over = mean_std_over_runs([r["summary"] for r in runs]) if len(runs) > 1 else None
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-              "class_names": class_names[1:], "class_labels": labels, "runs": runs, "over_runs": over}
+              "metrics": METRIC_DEFINITIONS, "class_names": class_names[1:], "class_labels": labels, "runs": runs,
+              "over_runs": over}
     result["settings"]["runs"] = [str(r) for r in settings.runs]
     _write_outputs(settings, result, shown)
     return result
@@ -244,13 +260,16 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def results_markdown(result: dict[str, Any]) -> str:
     """The tables of ``results.md``: Avg. Dice, Avg. ASD and per-class Dice per run (paper layout),
-    then mean ± std over runs, then per-class ASD."""
+    then mean ± std over runs, then per-class ASD, per-class ASSD, and both in mm where available."""
     labels, runs, over = result["class_labels"], result["runs"], result["over_runs"]
     s = result["settings"]
     teacher = runs[0]["teacher"]
     lines = [f"# Evaluation on the {s['split']} split", "",
              f"Dice in %, ASD in voxels of the preprocessed grid; absent-class convention `{s['convention']}`; "
-             f"checkpoint `{s['checkpoint']}`; sliding window stride {'x'.join(map(str, s['stride']))}.", ""]
+             f"checkpoint `{s['checkpoint']}`; sliding window stride {'x'.join(map(str, s['stride']))}.", "",
+             "ASD is the paper's (DHC's, medpy `asd(pred, label)`): the mean distance from the prediction's "
+             "surface to the label's, directed. ASSD, the average symmetric surface distance (medpy `assd`, "
+             "both directions pooled), is given apart below; it is not in the paper.", ""]
     if "random" in teacher:
         lines += [f"Teacher: **{teacher}**: these numbers test the pipeline, not the method.", ""]
     head = "| Run | Avg. Dice | Avg. ASD | " + " | ".join(labels) + " |"
@@ -264,17 +283,31 @@ def results_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| mean ± std ({len(runs)} runs) | {_fmt(md, 2)}±{_fmt(sd, 1)} | {_fmt(ma, 2)}±{_fmt(sa, 1)} | "
                      + " | ".join(f"{_fmt(m)}±{_fmt(d)}" for m, d in zip(over["dice_mean"], over["dice_std"],
                                                                          strict=True)) + " |")
-    lines += ["", "ASD per class (voxels):", "", "| Run | " + " | ".join(labels) + " |",
+    lines += ["", "ASD per class (voxels; directed, prediction to label):", "", "| Run | " + " | ".join(labels) + " |",
               "|" + " --- |" * (1 + len(labels))]
     for r in runs:
         lines.append(f"| {Path(r['run']).name} | " + " | ".join(_fmt(v, 2) for v in r["summary"]["asd"]) + " |")
+    if all("assd" in r["summary"] for r in runs):
+        lines += ["", "ASSD, average symmetric surface distance (voxels; not in the paper):", "",
+                  "| Run | Avg. ASSD | " + " | ".join(labels) + " |", "|" + " --- |" * (2 + len(labels))]
+        for r in runs:
+            sm = r["summary"]
+            lines.append(f"| {Path(r['run']).name} | {_fmt(sm['mean_assd'], 2)} | "
+                         + " | ".join(_fmt(v, 2) for v in sm["assd"]) + " |")
+        if over is not None and "mean_assd" in over:
+            ma, sa = over["mean_assd"]
+            lines.append(f"| mean ± std ({len(runs)} runs) | {_fmt(ma, 2)}±{_fmt(sa, 1)} | "
+                         + " | ".join(f"{_fmt(m, 2)}±{_fmt(d, 2)}" for m, d in zip(over["assd_mean"], over["assd_std"],
+                                                                                 strict=True)) + " |")
     if all(r["summary_mm"] is not None for r in runs):
-        lines += ["", "ASD in millimetres, in each case's original geometry (prediction mapped back by nearest "
-                  "neighbour; a class in only one of prediction and label has no distance and is left out):", "",
-                  "| Run | Avg. ASD (mm) | " + " | ".join(labels) + " |", "|" + " --- |" * (2 + len(labels))]
+        lines += ["", "ASD (directed, prediction to label) and ASSD (symmetric) in millimetres, in each case's "
+                  "original geometry (prediction mapped back by nearest neighbour; a class in only one of "
+                  "prediction and label has no distance and is left out); per class: ASD (mm):", "",
+                  "| Run | Avg. ASD (mm) | Avg. ASSD (mm) | " + " | ".join(labels) + " |",
+                  "|" + " --- |" * (3 + len(labels))]
         for r in runs:
             sm = r["summary_mm"]
-            lines.append(f"| {Path(r['run']).name} | {_fmt(sm['mean_asd'], 2)} | "
+            lines.append(f"| {Path(r['run']).name} | {_fmt(sm['mean_asd'], 2)} | {_fmt(sm.get('mean_assd'), 2)} | "
                          + " | ".join(_fmt(v, 2) for v in sm["asd"]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -287,13 +320,16 @@ def _write_outputs(settings: EvaluateSettings, result: dict[str, Any],
     write_atomic(out / "results.md", results_markdown(result))
     with atomic_path(out / "cases.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["run", "case", "class", "label", "dice_percent", "asd_voxels", "asd_mm"])
+        # asd_*: directed (medpy asd(pred, label), the paper's ASD); assd_*: symmetric (medpy assd).
+        writer.writerow(["run", "case", "class", "label", "dice_percent", "asd_voxels", "asd_mm", "assd_voxels",
+                         "assd_mm"])
         for r in result["runs"]:
             for case in r["cases"]:
-                mm = case["mm"]
+                voxel, mm = case["voxel"], case["mm"]
                 for k, (name, label) in enumerate(zip(result["class_names"], result["class_labels"], strict=True)):
-                    writer.writerow([Path(r["run"]).name, case["case"], name, label, case["voxel"]["dice"][k],
-                                     case["voxel"]["asd"][k], "" if mm is None else mm["asd"][k]])
+                    writer.writerow([Path(r["run"]).name, case["case"], name, label, voxel["dice"][k], voxel["asd"][k],
+                                     "" if mm is None else mm["asd"][k], voxel["assd"][k],
+                                     "" if mm is None else mm["assd"][k]])
     if not settings.figures:
         return
     dice = np.array([[np.nan if v is None else v for v in r["summary"]["dice"]] for r in result["runs"]], float)

@@ -45,11 +45,16 @@ def test_one_run_writes_tables_csv_and_pictures(three_runs):
     summary = run["summary"]
     assert summary["mean_dice"] == pytest.approx(np.mean(summary["dice"]))
     assert summary["asd_unit"] == "voxel" and run["summary_mm"]["asd_unit"] == "mm"
+    assert len(summary["assd"]) == 13 and "mean_assd" in summary and "mean_assd" in run["summary_mm"]
+    assert "asd(pred" in saved["metrics"]["asd"] and "symmetric" in saved["metrics"]["assd"]
     with open(out / "cases.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(test_ids) * 13
+    assert list(rows[0]) == ["run", "case", "class", "label", "dice_percent", "asd_voxels", "asd_mm", "assd_voxels",
+                             "assd_mm"]
     md = (out / "results.md").read_text()
     assert "| Run | Avg. Dice | Avg. ASD | Sp | RK | LK |" in md and "random, not pretrained" in md
+    assert "| Run | Avg. ASSD | Sp |" in md and "| Run | Avg. ASD (mm) | Avg. ASSD (mm) | Sp |" in md
     assert result["over_runs"] is None
 
 
@@ -64,7 +69,8 @@ def test_three_seeds_give_mean_and_std(three_runs):
     per_run = np.array([r["summary"]["mean_dice"] for r in result["runs"]])
     assert over["mean_dice"][0] == pytest.approx(per_run.mean())
     assert over["mean_dice"][1] == pytest.approx(per_run.std())
-    assert (runs[0].parent / "evaluation-test" / "results.md").read_text().count("mean ± std (3 runs)") == 1
+    assert over["mean_assd"][0] == pytest.approx(np.mean([r["summary"]["mean_assd"] for r in result["runs"]]))
+    assert (runs[0].parent / "evaluation-test" / "results.md").read_text().count("mean ± std (3 runs)") == 2
 
 
 def test_store_gone_needs_data(three_runs, phantom_dir, tmp_path):
