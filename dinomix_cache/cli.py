@@ -448,7 +448,11 @@ def bench_targets_cmd(
     cache: str = typer.Option(..., "--cache", help="The feature store (folder, .zip or URL; its teacher must be "
                               "loadable)."),
     preset: str = typer.Option("cpu-small", "--preset", help="Training settings: cpu-small or paper."),
-    steps: int = typer.Option(20, "--steps", help="Timed iterations per policy, interleaved (after 3 warm-up rounds)."),
+    crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W instead of the preset's (the crop "
+                                    "view's in-plane size must be the store's --crop-windows)."),
+    steps: int = typer.Option(20, "--steps", help="Timed iterations per policy, interleaved (after the warm-up)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed rounds of every policy first (the first fills the "
+                               "feature memory)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for every policy)."),
     teacher_view: str = typer.Option("slice", "--teacher-view", help="slice or crop (see train); crop needs a "
                                      "store made with --crop-windows for cache and hybrid."),
@@ -468,10 +472,11 @@ def bench_targets_cmd(
     from stage2_train.settings import preset as make_preset
 
     try:
-        settings = replace(make_preset(preset, cache), seed=seed, teacher_view=teacher_view, crop_grid=crop_grid)
+        settings = replace(make_preset(preset, cache), seed=seed, teacher_view=teacher_view, crop_grid=crop_grid,
+                           **({"crop": parse_shape(crop, 3, "--crop")} if crop else {}))
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    result = bench_targets(settings, steps=steps, warmup=3)
+    result = bench_targets(settings, steps=steps, warmup=warmup)
     if as_json:
         print(json.dumps(result))
     else:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: extraction throughput of three random-init DINOv3 sizes, the step time of each target
-# policy, and a few minutes of training, on the phantom; one JSON file per step and a summary.
+# GPU check: extraction throughput of three random-init DINOv3 sizes, the step time and fidelity of
+# each target policy in both teacher views, and a few minutes of training, on the phantom; one JSON
+# file per step and a summary.
 #
 #   OUT=/some/folder bash scripts/gpu-check.sh            # on a GPU machine, under 8 minutes
 #   OUT=/some/folder bash scripts/gpu-check.sh --dry-run  # the same sequence, tiny, on CPU (1-5 minutes)
@@ -8,7 +9,8 @@
 # Run from the repository root. The packages come from PYTHONPATH (or an installed copy): commands
 # run as "$PYTHON -m dinomix_cache ...", PYTHON defaulting to python. Outputs in $OUT (default
 # ./gpu-check-out): summary.json (nvidia-smi, torch and CUDA versions, each step's status and wall
-# time), bench-extract-<teacher>.json, bench-targets.json, train.json (step times from the run's
+# time), bench-extract-<teacher>.json, bench-targets-{slice,crop}.json (each teacher view, on a store
+# of the context-sensitive ViT-S-sized random teacher with crop windows), train.json (step times from the run's
 # log.jsonl), and logs/<step>.log and .stdout (each command's output). Stores and the training run go
 # to a temporary folder that is removed at the end; the GPU run generates the phantom under
 # data/phantom on first use (the dry run keeps its small phantom in the temporary folder, so nothing
@@ -50,10 +52,11 @@ if (( DRY_RUN )); then
     DEVICE=cpu
     DTYPE=float32  # CPUs emulate bfloat16 slowly; the GPU run measures bfloat16
     TEACHERS=(random:tiny)
-    STORE_TEACHER=random:tiny
+    STORE_TEACHER=random:ctx-tiny
+    WINDOWS=32x32
     PRESET=cpu-small
     BENCH_EXTRACT=(--max-cases 1 --repeats 1)
-    BENCH_TARGETS=(--steps 1)
+    BENCH_TARGETS=(--steps 1 --warmup 0 --crop 16x32x32)
     TRAIN_STEPS=${GPU_CHECK_TRAIN_STEPS:-2}
     T_EXTRACT=180 T_BENCH_EXTRACT=180 T_BENCH_TARGETS=480 T_TRAIN=240  # guards against a hang only
 else
@@ -63,7 +66,8 @@ else
     DEVICE=auto
     DTYPE=bfloat16
     TEACHERS=(random:vits16 random:vitb16 random:vitl16)
-    STORE_TEACHER=random:vits16
+    STORE_TEACHER=random:ctx-vits16  # ViT-S speed, and tokens that see context, so the cosines can fail
+    WINDOWS=128x128  # the paper crop's in-plane size: the crop view's windows
     PRESET=paper
     BENCH_EXTRACT=()
     BENCH_TARGETS=()
@@ -135,7 +139,8 @@ say "mode: $( ((DRY_RUN)) && echo 'dry run (tiny, CPU)' || echo GPU ); OUT=$OUT;
 # 1. The store for bench targets and train (this also generates the phantom on first use).
 STORE_OK=0
 if run_step extract "$T_EXTRACT" "$PYTHON" -m dinomix_cache extract --dataset phantom "${PHANTOM[@]}" \
-        --teacher "$STORE_TEACHER" --dtype "$DTYPE" --device "$DEVICE" --out "$STORE" --no-progress; then
+        --teacher "$STORE_TEACHER" --dtype "$DTYPE" --device "$DEVICE" --crop-windows "$WINDOWS" --out "$STORE" \
+        --no-progress; then
     STORE_OK=1
 else
     FAILED=1
@@ -155,12 +160,15 @@ done
 
 # 3. Step time and fidelity of each target policy, and 4. a short training run.
 if (( STORE_OK )); then
-    if run_step bench-targets "$T_BENCH_TARGETS" "$PYTHON" -m dinomix_cache bench targets --cache "$STORE" \
-            --preset "$PRESET" ${BENCH_TARGETS[@]+"${BENCH_TARGETS[@]}"} --json; then
-        json_result bench-targets || FAILED=1
-    else
-        FAILED=1
-    fi
+    for view in slice crop; do
+        if run_step "bench-targets-$view" "$T_BENCH_TARGETS" "$PYTHON" -m dinomix_cache bench targets \
+                --cache "$STORE" --preset "$PRESET" --teacher-view "$view" \
+                ${BENCH_TARGETS[@]+"${BENCH_TARGETS[@]}"} --json; then
+            json_result "bench-targets-$view" || FAILED=1
+        else
+            FAILED=1
+        fi
+    done
     train_rc=0
     run_step train "$T_TRAIN" "$PYTHON" -m dinomix_cache train --cache "$STORE" --preset "$PRESET" \
         --max-steps "$TRAIN_STEPS" --out "$RUN" --no-progress || train_rc=$?
@@ -194,7 +202,9 @@ PY
     fi
 else
     say "bench-targets and train: skipped (no store)"
-    printf 'bench-targets\tskipped\t\t0\tneeds the store\ntrain\tskipped\t\t0\tneeds the store\n' >> "$STEPS_TSV"
+    printf 'bench-targets-slice\tskipped\t\t0\tneeds the store\nbench-targets-crop\tskipped\t\t0\tneeds the store\n' \
+        >> "$STEPS_TSV"
+    printf 'train\tskipped\t\t0\tneeds the store\n' >> "$STEPS_TSV"
 fi
 
 # 5. The summary: machine, versions, every step's status.

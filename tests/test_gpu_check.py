@@ -23,7 +23,7 @@ def test_gpu_check_dry_run_writes_every_json(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True and summary["dry_run"] is True
     assert summary["torch"] and "cuda" in summary and "nvidia_smi" in summary and summary["cuda_available"] is False
-    names = ["extract", "bench-extract-tiny", "bench-targets", "train"]
+    names = ["extract", "bench-extract-tiny", "bench-targets-slice", "bench-targets-crop", "train"]
     assert list(summary["steps"]) == names
     assert all(summary["steps"][n]["status"] == "ok" for n in names)
 
@@ -33,10 +33,12 @@ def test_gpu_check_dry_run_writes_every_json(tmp_path):
     assert result["slices_per_s_end_to_end"] > 0 and result["slices_per_s_teacher_only"] > 0
     assert result["ratio"] > 0 and result["cases"] == 1 and result["device"] == "cpu"
 
-    targets = json.loads((out / "bench-targets.json").read_text())["result"]
-    assert set(targets) == {"no_fkd", "online", "cache", "hybrid"}
-    assert all(entry["step_s"] > 0 for entry in targets.values())
-    assert all({"cosine", "recomputed"} <= set(targets[m]) for m in ("online", "cache", "hybrid"))
+    for view in ("slice", "crop"):
+        targets = json.loads((out / f"bench-targets-{view}.json").read_text())["result"]
+        assert set(targets) == {"teacher", "view", "no_fkd", "online", "cache", "hybrid", "cross_view"}
+        assert targets["view"] == view and targets["teacher"]["source"] == "random:ctx-tiny"
+        assert all(targets[m]["step_s"] > 0 for m in ("no_fkd", "online", "cache", "hybrid"))
+        assert all({"cosine", "recomputed"} <= set(targets[m]) for m in ("online", "cache", "hybrid"))
 
     train = json.loads((out / "train.json").read_text())["result"]
     assert train["steps"] == train["max_steps"] == 2 and len(train["step_seconds"]) == 2
