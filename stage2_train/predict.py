@@ -44,7 +44,7 @@ import numpy as np
 from isal import igzip
 from nibabel.filebasedimages import ImageFileError
 
-from dinomix_cache.atomic import write_atomic
+from dinomix_cache.atomic import remove_stale_temporaries, write_atomic
 from dinomix_cache.datasets import CaseSource
 from dinomix_cache.errors import UserError
 from dinomix_cache.preprocess import PreprocessSettings, load_case, reorient_to_array, reorient_to_file
@@ -218,6 +218,7 @@ def write_label(labels: np.ndarray, reference: nib.Nifti1Image, out_path: Path, 
 
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_path.parent, [out_path.name])  # of a prediction killed while writing
         # synced: the rename must not reach the disk before the data
         return write_atomic(out_path, blob, sync=True)
     except OSError as exc:
