@@ -74,12 +74,12 @@ def checked_read(location: str, case_id: str, name: str, array: Any, selection: 
         raise UserError(f"{location}: case {case_id} {name} cannot be read ({type(exc).__name__}: {reason}); "
                         f"{_verify_hint(location)}") from None
     if data.dtype.kind == "f":
-        damaged = bool(np.isnan(data).any())
-    elif name == "label":
-        damaged = bool(data.size) and int(data.max()) >= num_classes
+        fill = "NaN" if bool(np.isnan(data).any()) else None
+    elif name == "label" and data.size and int(data.max()) >= num_classes:
+        fill = f"label {int(data.max())}, not a class id"
     else:
-        damaged = False
-    if damaged:
-        raise UserError(f"{location}: case {case_id} {name} holds the fill value of missing chunks (NaN or label "
-                        f"{LABEL_FILL}): chunks were deleted or never written; {_verify_hint(location)}")
+        fill = None
+    if fill is not None:
+        raise UserError(f"{location}: case {case_id} {name} holds the fill value of missing chunks ({fill}): chunks "
+                        f"were deleted or never written; {_verify_hint(location)}")
     return data

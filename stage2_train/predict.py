@@ -46,7 +46,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from dinomix_cache.atomic import remove_stale_temporaries, write_atomic
 from dinomix_cache.datasets import CaseSource
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import UserError, write_failed
 from dinomix_cache.preprocess import PreprocessSettings, load_case, reorient_to_array, reorient_to_file
 
 __all__ = ["Segmenter", "labels_to_source_grid", "predict_paths", "segment_file", "write_label"]
@@ -222,8 +222,7 @@ def write_label(labels: np.ndarray, reference: nib.Nifti1Image, out_path: Path, 
         # synced: the rename must not reach the disk before the data
         return write_atomic(out_path, blob, sync=True)
     except OSError as exc:
-        raise UserError(f"cannot write {out_path} ({exc.strerror or exc}): check the folder's permissions "
-                        "and free disk space") from exc
+        raise write_failed(out_path, exc) from None
 
 
 def _plan(inputs: Path, output: Path) -> list[tuple[Path, Path]]:

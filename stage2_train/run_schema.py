@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, c
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store_schema import MAX_HIDDEN, MAX_SIDE, StoreAttrs, check_store_attrs, validation_message
+from stage2_train.settings import CROP_GRIDS
 
 __all__ = ["BOUNDS", "CHOICES", "check_checkpoint", "check_identity", "dataclass_from_json", "state_dict_mismatch"]
 
@@ -62,7 +63,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "targets": ("online", "cache", "hybrid"),
     "aux_mode": ("exclude", "skcdf"),
-    "crop_grid": ("token", "voxel"),
+    "crop_grid": CROP_GRIDS,
 }
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
