@@ -22,6 +22,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from dinomix_cache.datasets import ROLES
+from dinomix_cache.errors import UserError
 from dinomix_cache.preprocess import file_sha256
 from dinomix_cache.store import FeatureStore
 
@@ -85,13 +86,6 @@ def _summary(store: FeatureStore) -> dict[str, Any]:
     }
 
 
-def _expected_feature_shape(meta: dict[str, Any]) -> tuple[int, int, int, int]:
-    teacher, prep = meta["teacher"], meta["preprocessing"]
-    patch = int(teacher["patch_size"])
-    in_h, in_w = (int(v) for v in teacher["input_size"])
-    return (int(prep["target_shape"][0]), in_h // patch, in_w // patch, int(teacher["hidden_size"]))
-
-
 class MissingKeys(WrapperStore[Store]):
     """A read-only view of a store that notes every key a read finds absent.
 
@@ -111,7 +105,12 @@ class MissingKeys(WrapperStore[Store]):
 
 
 def _check_array(array: Any, what: str, problems: list[str]) -> np.ndarray | None:
-    """Decode every chunk of ``array``; note missing chunks and decode or checksum failures."""
+    """Decode every chunk of ``array``; note missing chunks and decode or checksum failures.
+
+    Returns:
+        The data, or None when it cannot be decoded or chunks are missing (their fill value would
+        only add problems about values).
+    """
     try:
         data = np.asarray(array[...])
         if isinstance(array.store, MissingKeys):
@@ -121,6 +120,7 @@ def _check_array(array: Any, what: str, problems: list[str]) -> np.ndarray | Non
             missing = array.nchunks - array.nchunks_initialized
         if missing:
             problems.append(f"{what}: {missing} of {array.nchunks} chunks missing")
+            return None
         return data
     except Exception as exc:  # any decode or checksum failure is a problem to report, not a crash
         problems.append(f"{what}: unreadable ({type(exc).__name__}: {exc})")
@@ -148,11 +148,11 @@ def verify_store(path: Path | str, data: Path | None = None) -> list[str]:
 def _verify(store: FeatureStore, data: Path | None) -> list[str]:
     recorder = MissingKeys(store.group.store)
     root = zarr.open_group(recorder, path=store.group.path, mode="r", zarr_format=3)
-    meta = store.meta
+    schema = store.attrs
     problems: list[str] = []
-    expected = _expected_feature_shape(meta)
-    target = tuple(int(v) for v in meta["preprocessing"]["target_shape"])
-    num_classes = len(store.class_names)
+    expected = schema.array_spec("features").shape
+    target = schema.preprocessing.target_shape
+    num_classes = schema.num_classes
     labeled_total = np.zeros(num_classes, dtype=np.int64)
     for cid, role in store.roles().items():
         attrs = store.case_attrs(cid)
@@ -185,19 +185,35 @@ def _verify(store: FeatureStore, data: Path | None) -> list[str]:
                     problems.append(f"case {cid} {name}: shape {vol.shape}, expected {target}")
                 if vol is not None and name == "label" and vol.size and int(vol.max()) >= num_classes:
                     problems.append(f"case {cid} label: value {int(vol.max())} outside 0..{num_classes - 1}")
-        if role == "labeled" and "class_voxels" in attrs:
-            labeled_total += np.asarray(attrs["class_voxels"], dtype=np.int64)
+        counts = attrs.get("class_voxels")
+        if counts is not None and not (isinstance(counts, list) and len(counts) == num_classes
+                                       and all(type(v) is int and v >= 0 for v in counts)):
+            problems.append(f"case {cid}: class_voxels attribute is not {num_classes} counts")
+        elif role == "labeled" and counts is not None:
+            labeled_total += np.asarray(counts, dtype=np.int64)
+        source = attrs.get("source")
         if data is not None:
-            problems += _check_sources(cid, attrs.get("source", {}), Path(data))
-    if meta["extraction"].get("complete"):
-        counts = store.class_voxels()
+            problems += _check_sources(cid, source if isinstance(source, dict) else {}, Path(data))
+    if schema.extraction.complete:
+        counts = _class_voxels(store, problems)
         if counts is None:
             problems.append("stats/class_voxels missing")
+        elif counts is False:
+            pass
         elif not np.array_equal(counts, labeled_total):
             problems.append("stats/class_voxels disagrees with the labeled cases' class voxel counts")
     elif not problems:
         problems.append("extraction not finished (statistics not written); rerun extract")
     return problems
+
+
+def _class_voxels(store: FeatureStore, problems: list[str]) -> np.ndarray | None | bool:
+    """The statistics, None if absent, False (noted as a problem) if unreadable or malformed."""
+    try:
+        return store.class_voxels()
+    except UserError as exc:
+        problems.append(f"stats/class_voxels: {exc}")
+        return False
 
 
 def _check_sources(case_id: str, source: dict[str, Any], data: Path) -> list[str]:

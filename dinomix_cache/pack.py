@@ -25,8 +25,9 @@ from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 from zarr.storage import MemoryStore
 
-from dinomix_cache.atomic import atomic_path
-from dinomix_cache.errors import UserError
+from dinomix_cache.atomic import atomic_path, remove_stale_temporaries
+from dinomix_cache.errors import UserError, writing
+from dinomix_cache.locations import as_location
 from dinomix_cache.store import FeatureStore
 
 # Chunks fetched concurrently: hides the round trip of a remote store; 32 feature chunks of a
@@ -50,17 +51,23 @@ def pack_store(store: FeatureStore | Path | str, out: Path | str, overwrite: boo
         ``out``.
 
     Raises:
-        UserError: ``out`` exists (without ``overwrite``) or is not a ``.zip`` name; the store is
-            not complete (finish it with extract first).
+        UserError: ``out`` exists (without ``overwrite``), is not a ``.zip`` name or lies inside
+            the store; the store is not complete (finish it with extract first); the zip cannot be
+            written (read-only folder, full disk: naming it). While packing, the store holds a
+            reader lock (``extract --overwrite`` refuses to delete it).
     """
     out = Path(out)
+    location = store.path if isinstance(store, FeatureStore) else as_location(store)
+    if isinstance(location, Path) and location.is_dir() and out.resolve().is_relative_to(location.resolve()):
+        raise UserError(f"{out} lies inside the store {location}: the zip would become part of what it packs; "
+                        "write it beside the store instead")
     if out.suffix.lower() != ".zip":
         raise UserError(f"{out}: the packed store must be a .zip file (e.g. {out.with_suffix('.zip').name})")
     if out.is_dir():
         raise UserError(f"{out} is a folder; choose a .zip file name")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another name")
-    source = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    source = store if isinstance(store, FeatureStore) else FeatureStore.open(store).hold_reader_lock()
     try:
         _require_complete(source)
         nodes = source.nodes()
@@ -72,9 +79,11 @@ def pack_store(store: FeatureStore | Path | str, out: Path | str, overwrite: boo
         chunks = [_join(rel, node.metadata.encode_chunk_key(coords))
                   for rel, node in nodes if isinstance(node, zarr.Array)
                   for coords in itertools.product(*(range(n) for n in node.cdata_shape))]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:
-            _write_zip(tmp, source, metadata, chunks, progress)
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out.parent, [out.name])  # of a pack killed while writing
+            with atomic_path(out) as tmp:
+                _write_zip(tmp, source, metadata, chunks, progress)
     finally:
         if source is not store:
             source.close()
@@ -83,7 +92,7 @@ def pack_store(store: FeatureStore | Path | str, out: Path | str, overwrite: boo
 
 def _require_complete(store: FeatureStore) -> None:
     incomplete = store.incomplete_cases()
-    if incomplete or not store.meta["extraction"].get("complete") or store.class_voxels() is None:
+    if incomplete or not store.attrs.extraction.complete or store.class_voxels() is None:
         what = f"{len(incomplete)} case(s) missing, e.g. {' '.join(incomplete[:3])}" if incomplete else "statistics"
         raise UserError(f"{store.location} is not complete ({what}); finish it by rerunning the same extract "
                         "command, then pack it")

@@ -23,6 +23,7 @@ several cases can load in background threads.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import zlib
 from dataclasses import dataclass, fields
@@ -34,14 +35,18 @@ import torch
 from isal import igzip, isal_zlib
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.spatialimages import HeaderDataError
 
 from dinomix_cache.datasets import CaseSource
 from dinomix_cache.errors import UserError
+from dinomix_cache.store_schema import IMAGE_MODES, LABEL_MODES, MAX_CLASSES, NORMALISATIONS
 
-_READ_ERRORS = (EOFError, zlib.error, isal_zlib.error, OSError, ImageFileError, ValueError)
-_IMAGE_MODES = ("trilinear", "area", "nearest", "nearest-exact")
-_LABEL_MODES = ("nearest", "nearest-exact")
-_NORMALISATIONS = ("minmax", "window")
+_READ_ERRORS = (EOFError, zlib.error, isal_zlib.error, OSError, ImageFileError, ValueError, HeaderDataError)
+_IMAGE_MODES = IMAGE_MODES
+_LABEL_MODES = LABEL_MODES
+_NORMALISATIONS = NORMALISATIONS
+# Deflate inflates at most about 1032:1; a header promising more data than that is not the file's.
+_MAX_DEFLATE_RATIO = 1100
 # Resize modes symmetric under flips (align_corners False): flipping after resizing is exact.
 # Legacy "nearest" (floor) is not symmetric, so labels and nearest images are flipped first.
 _FLIP_COMMUTING_MODES = ("trilinear", "area")
@@ -232,15 +237,48 @@ def _axes3(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
 def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, bytes, str]:
     """Load a NIfTI wholly into memory (which detects truncation); return (image, raw bytes, sha256).
 
-    The file is read once, for the hash and the image. ``.nii.gz`` is inflated in one call with
-    ISA-L (about 2.5× faster than zlib here): decompression is the largest cost of reading a CT,
-    and reading must hide behind the teacher.
+    The file is read once, for the hash and the image. Its header is checked first, before
+    anything is inflated or allocated (:func:`_check_header`). ``.nii.gz`` is inflated in one call
+    with ISA-L (about 2.5× faster than zlib here): decompression is the largest cost of reading a
+    CT, and reading must hide behind the teacher.
+
+    Raises:
+        UserError: voxels that are not real numbers, or a header declaring more data than the file holds.
+        EOFError, zlib.error, ...: a file that is not a readable NIfTI (see ``_READ_ERRORS``).
     """
     data = path.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
-    if path.name.endswith(".gz"):
+    gz = path.name.endswith(".gz")
+    prefix = zlib.decompressobj(31).decompress(data[:1 << 16], 352) if gz else data[:352]
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(prefix))
+    declared = _check_header(header, path, len(data), gz)
+    if gz:
         data = igzip.decompress(data)
+    if len(data) < declared:
+        raise EOFError(f"the header declares {declared} bytes, the file holds {len(data)}")
     return nib.Nifti1Image.from_bytes(data), data, sha256
+
+
+def _check_header(header: nib.Nifti1Header, path: Path, file_bytes: int, gz: bool) -> int:
+    """Check a NIfTI header before the data are read; return the bytes it declares (offset + voxels).
+
+    Raises:
+        UserError: the voxels are not real numbers (RGB, complex), or the file cannot hold the
+            data the header declares (a damaged header, or a truncated file).
+    """
+    dtype = np.dtype(header.get_data_dtype())
+    if dtype.kind not in "biuf":
+        raise UserError(f"{path} holds {dtype.name if dtype.kind != 'V' else 'RGB/structured'} voxels "
+                        f"(NIfTI datatype {int(header['datatype'])}): a CT volume and a label map need real-valued "
+                        "voxels; convert it to int16 or float32")
+    shape = tuple(int(s) for s in header.get_data_shape())
+    declared = int(header.get_data_offset()) + math.prod(shape) * dtype.itemsize
+    room = file_bytes * _MAX_DEFLATE_RATIO + (1 << 20) if gz else file_bytes
+    if declared > room:
+        raise UserError(f"{path} declares {'x'.join(map(str, shape))} voxels of {dtype.name} ({declared:,} bytes) "
+                        f"but the file is {file_bytes:,} bytes{' compressed' if gz else ''}: the header is damaged "
+                        "or the file truncated; re-export it")
+    return declared
 
 
 def _unscaled_view(img: nib.Nifti1Image, raw: bytes) -> np.ndarray:
@@ -277,6 +315,9 @@ def _read_nifti(
         if unscaled and hasattr(proxy, "slope"):
             data = _unscaled_view(img, raw)
             slope, inter = float(proxy.slope), float(proxy.inter)
+            if not (math.isfinite(slope) and math.isfinite(inter)):
+                raise UserError(f"{path} has a non-finite intensity scaling (scl_slope {slope}, scl_inter {inter}): "
+                                "fix the header")
         else:
             data = np.asanyarray(proxy)
     except UserError:
@@ -331,6 +372,12 @@ def _clip_and_range(image: np.ndarray, settings: PreprocessSettings, path: Path)
             raise UserError(f"{path} is constant ({vmin:g}) after clipping to HU {list(settings.hu_window)}: "
                             "not a CT volume in HU, or the wrong file")
     return t, vmin, vmax
+
+
+def _require_finite(image: np.ndarray, path: Path) -> None:
+    """Refuse NaN and ±inf alike (clipping would silently turn inf into the window's edge)."""
+    if not bool(torch.isfinite(torch.from_numpy(image)).all()):
+        raise UserError(f"{path} contains NaN or infinite intensities: not a valid CT volume; re-export it")
 
 
 def _resize(volume: torch.Tensor, shape: tuple[int, int, int], mode: str) -> torch.Tensor:
@@ -395,8 +442,9 @@ def load_case(case: CaseSource, settings: PreprocessSettings, num_classes: int) 
             (> 1e-3 mm) mismatch; label values not integer or outside 0..num_classes-1; degenerate
             affine; constant or NaN image.
     """
-    if not 1 < num_classes <= 256:
-        raise UserError(f"num_classes {num_classes} must be in 2..256 (labels are stored as uint8)")
+    if not 1 < num_classes <= MAX_CLASSES:
+        raise UserError(f"num_classes {num_classes} must be in 2..{MAX_CLASSES} (labels are stored as uint8, "
+                        f"and {MAX_CLASSES} marks missing data)")
     image_path, label_path = Path(case.image), None if case.label is None else Path(case.label)
     source: dict = {"image": str(image_path), "label": None if label_path is None else str(label_path),
                     "image_sha256": None, "label_sha256": None}
@@ -416,13 +464,19 @@ def load_case(case: CaseSource, settings: PreprocessSettings, num_classes: int) 
         np.copyto(image, view, casting="unsafe")
         if slope != 1.0 or inter != 0.0:
             torch.from_numpy(image).mul_(slope).add_(inter)
+        if raw.dtype.kind == "f" or slope != 1.0 or inter != 0.0:  # integers without scaling are finite
+            _require_finite(image, image_path)
         source |= {"shape": list(shape), "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
                    "affine": affine.tolist(), "orientation": "".join(aff2axcodes(affine))}
     elif case.fmt == "npy":
         source["image_sha256"] = file_sha256(image_path)
         source["label_sha256"] = None if label_path is None else file_sha256(label_path)
         raw = _load_npy(image_path)
+        if raw.dtype.kind not in "biuf":
+            raise UserError(f"{image_path} holds {raw.dtype} values: a CT volume needs real-valued voxels")
         image = raw.astype(np.float32, copy=True)  # a copy: normalisation works in place
+        if raw.dtype.kind == "f":
+            _require_finite(image, image_path)
         if label_path is not None:
             lbl = _load_npy(label_path)
             _same_grid(image_path, label_path, raw.shape, lbl.shape, None, None)

@@ -15,8 +15,10 @@ A case exists for readers only once ``features/<case>`` carries the attribute
 ``dinomix_case.complete = true``, written last, after every array of the case. Zarr's local store
 writes each file atomically, so a killed writer leaves either an incomplete case (redone on
 resume) or a complete one, never a torn one. A store holds arrays and JSON attributes only, and
-attributes are validated against the declared format version before use: opening a store from
-someone else never runs code.
+attributes are validated as a whole against the schema of the declared format version before use
+(:mod:`dinomix_cache.store_schema`): opening a store from someone else never runs code. Each
+array's shape and dtype are checked against the attributes when a case is first read, and every
+read refuses damaged or missing chunks (:mod:`dinomix_cache.store_checks`).
 
 Where a store lives (:func:`as_location`): a local ``.zarr`` folder (read and write), a ``.zip``
 of one (read-only, see :mod:`dinomix_cache.pack`), or an fsspec URL (``http(s)://``, ``s3://``,
@@ -44,7 +46,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.errors import ZarrUserWarning
 from zarr.storage import ZipStore
 
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import UserError, writing
 from dinomix_cache.locations import (
     READ_ONLY_PROTOCOLS,
     as_location,
@@ -55,9 +57,10 @@ from dinomix_cache.locations import (
     url_protocols,
     zip_root,
 )
+from dinomix_cache.lock import ReaderLock, exclusive_or_refuse
+from dinomix_cache.store_checks import check_array, checked_read, fill_value
+from dinomix_cache.store_schema import FORMAT_NAME, FORMAT_VERSION, StoreAttrs, check_store_attrs, parse_store_attrs
 
-FORMAT_NAME = "dinomix-feature-store"
-FORMAT_VERSION = 1
 ATTRS_KEY = "dinomix"
 CASE_KEY = "dinomix_case"
 FEATURE_DIMS = ("slice", "token_row", "token_col", "channel")
@@ -66,8 +69,6 @@ WINDOW_DIMS = ("slice", "window_row", "window_col", "token_row", "token_col", "c
 # zarr warns on every array using a numcodecs filter (BitRound, the lossy mode) that other Zarr
 # implementations may not read it; the README says so once, the warning would say it per chunk read.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=ZarrUserWarning)
-# Sections of the group attributes; each must be present and a JSON object.
-REQUIRED_SECTIONS = ("teacher", "preprocessing", "dataset", "producer", "storage", "extraction")
 
 
 @dataclass(frozen=True)
@@ -123,48 +124,21 @@ def _codecs(settings: StoreSettings, features: bool) -> dict[str, Any]:
     return out
 
 
-def validate_attrs(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Check the ``dinomix`` group attribute of a store before anything trusts it.
-
-    Args:
-        attrs: the group's attributes (a mapping from zarr).
-        where: the store path, for messages.
-
-    Returns:
-        The validated ``dinomix`` dictionary.
+def load_attrs(attrs: Mapping[str, Any], where: str) -> tuple[dict[str, Any], StoreAttrs]:
+    """The ``dinomix`` group attribute as stored (its canonical JSON is the store's identity) and in
+    its typed, validated form.
 
     Raises:
-        UserError: not a dinomix store, a newer format version, or a missing/malformed section.
+        UserError: not a dinomix store, a newer format version, or a field missing, unknown,
+            mistyped or out of bounds (see :func:`~dinomix_cache.store_schema.check_store_attrs`).
     """
     meta = attrs.get(ATTRS_KEY)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise UserError(f"{where} is a Zarr group but not a dinomix feature store (no '{ATTRS_KEY}' attribute)")
-    version = meta.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise UserError(f"{where}: invalid store format version {version!r}")
-    if version > FORMAT_VERSION:
-        raise UserError(
-            f"{where} uses store format v{version}, newer than this dinomix-cache reads (v{FORMAT_VERSION}): "
-            "upgrade dinomix-cache"
-        )
-    for section in REQUIRED_SECTIONS:
-        if not isinstance(meta.get(section), dict):
-            raise UserError(f"{where}: store attribute section '{section}' is missing or malformed; "
-                            "the store is damaged: rebuild it with extract --overwrite")
-    windows = meta.get("crop_windows")
-    if windows is not None and not (isinstance(windows, dict) and all(
-            isinstance(windows.get(k), list) and len(windows[k]) == 2 and all(isinstance(v, int) and v > 0
-                                                                             for v in windows[k])
-            for k in ("size", "positions", "token_grid"))):
-        raise UserError(f"{where}: store attribute 'crop_windows' is malformed ({windows!r}); "
-                        "rebuild the store with extract --overwrite")
-    dataset = meta["dataset"]
-    if not isinstance(dataset.get("class_names"), list) or not isinstance(dataset.get("cases"), list):
-        raise UserError(f"{where}: dataset.class_names / dataset.cases missing; rebuild with extract --overwrite")
-    for case in dataset["cases"]:
-        if not isinstance(case, dict) or not isinstance(case.get("id"), str) or "/" in case["id"]:
-            raise UserError(f"{where}: malformed case entry {case!r} in dataset.cases")
-    return meta
+    return meta, check_store_attrs(meta, where, ATTRS_KEY)  # type: ignore[return-value]
+
+
+def validate_attrs(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """:func:`load_attrs`, returning the validated ``dinomix`` dictionary only."""
+    return load_attrs(attrs, where)[0]
 
 
 def is_store(path: Path) -> bool:
@@ -183,17 +157,27 @@ def remove_store(path: Path) -> None:
     """Delete a store (for ``--overwrite``); refuses to delete anything that is not a store.
 
     Raises:
-        UserError: ``path`` exists and is not a dinomix store (nothing is deleted then).
+        UserError: ``path`` exists and is not a dinomix store, is a symbolic link (the store it
+            points to is not deleted through it), is being read by another process (``train``,
+            ``evaluate``, ``pack``: named), or cannot be deleted. Nothing is deleted then.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link to {path.resolve()}; --overwrite does not delete through a link: "
+                        "pass the store's own path as --out")
     if not path.exists():
         return
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-        return
-    if not is_store(path):
-        raise UserError(f"{path} is not a dinomix feature store; refusing to delete it. Choose another --out")
-    shutil.rmtree(path)
+    with exclusive_or_refuse(path):
+        try:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+                return
+            if not is_store(path):
+                raise UserError(f"{path} is not a dinomix feature store; refusing to delete it. Choose another --out")
+            shutil.rmtree(path)
+        except OSError as exc:
+            raise UserError(f"cannot delete {path} for --overwrite ({exc.strerror or exc}); it may be partly deleted: "
+                            "fix the permissions and rerun with --overwrite") from None
 
 
 class FeatureStore:
@@ -215,13 +199,15 @@ class FeatureStore:
     """
 
     def __init__(self, group: zarr.Group, path: Path | str, meta: dict[str, Any], kind: str = "folder",
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, attrs: StoreAttrs | None = None) -> None:
         self.group = group
         self.path = path
         self.location = str(path)
         self.kind = kind
         self._storage_options = storage_options
         self._meta = meta
+        self._attrs = attrs if attrs is not None else parse_store_attrs(meta, self.location)
+        self._reader_lock: ReaderLock | None = None
         self._complete: set[str] = set()
         # Opening a node re-reads its metadata (about 2 ms locally, a round trip remotely); complete
         # cases never change, so the training hot path keeps their handles, and the sub-groups'.
@@ -245,7 +231,7 @@ class FeatureStore:
             if url_protocols(where) & READ_ONLY_PROTOCOLS:
                 raise UserError(f"cannot create a store at {where}: HTTP and zip locations are read-only; "
                                 "extract into a local .zarr folder (or an s3://, gs://, ... URL) instead")
-            validate_attrs({ATTRS_KEY: meta}, where)
+            attrs = load_attrs({ATTRS_KEY: meta}, where)[1]
             zstore = fsspec_store(where, read_only=False, storage_options=storage_options)
             try:
                 group = zarr.open_group(store=zstore, mode="w-", zarr_format=3)
@@ -258,13 +244,15 @@ class FeatureStore:
                                 "then `dinomix-cache pack` it")
             if where.exists() and not (where.is_dir() and not any(where.iterdir())):
                 raise UserError(f"{where} already exists; open it instead or remove it first")
-            validate_attrs({ATTRS_KEY: meta}, str(where))
-            where.parent.mkdir(parents=True, exist_ok=True)
-            group = zarr.open_group(str(where), mode="w", zarr_format=3)
-        group.attrs[ATTRS_KEY] = meta
-        for name in ("features", "volumes", "stats") + (("windows",) if meta.get("crop_windows") else ()):
-            group.require_group(name)
-        return cls(group, where, meta, "url" if isinstance(where, str) else "folder", storage_options)
+            attrs = load_attrs({ATTRS_KEY: meta}, str(where))[1]
+            with writing(where):
+                where.parent.mkdir(parents=True, exist_ok=True)
+                group = zarr.open_group(str(where), mode="w", zarr_format=3)
+        with writing(where):
+            group.attrs[ATTRS_KEY] = meta
+            for name in ("features", "volumes", "stats") + (("windows",) if meta.get("crop_windows") else ()):
+                group.require_group(name)
+        return cls(group, where, meta, "url" if isinstance(where, str) else "folder", storage_options, attrs)
 
     @classmethod
     def open(cls, path: Path | str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> FeatureStore:
@@ -316,16 +304,31 @@ class FeatureStore:
     @classmethod
     def _validated(cls, group: zarr.Group, where: Path | str, kind: str,
                    storage_options: dict[str, Any] | None = None) -> FeatureStore:
-        return cls(group, where, validate_attrs(group.attrs, str(where)), kind, storage_options)
+        meta, attrs = load_attrs(group.attrs, str(where))
+        return cls(group, where, meta, kind, storage_options, attrs)
 
     @property
     def writable(self) -> bool:
         return not self.group.store.read_only
 
     def close(self) -> None:
-        """Release the store (a zip's open file); the object must not be used afterwards."""
+        """Release the store (a zip's open file, the reader lock); the object must not be used afterwards."""
+        if self._reader_lock is not None:
+            self._reader_lock.release()
+            self._reader_lock = None
         if self.kind == "zip":
             self.group.store.close()
+
+    def hold_reader_lock(self) -> FeatureStore:
+        """Hold a shared lock on the store folder until :meth:`close` (or the process ends), so that
+        ``extract --overwrite`` refuses to delete it meanwhile. Returns the store.
+
+        Raises:
+            UserError: the store is being deleted by ``extract --overwrite`` right now.
+        """
+        if self._reader_lock is None and self.kind == "folder":
+            self._reader_lock = ReaderLock(Path(self.path)).__enter__()
+        return self
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -341,26 +344,36 @@ class FeatureStore:
         three per case (worth it over HTTP). For finished stores: opening the store with
         ``mode="r+"`` drops the copy again, since new cases would not be in it.
         """
-        with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec" (yet)
+        with warnings.catch_warnings(), writing(self.location):  # "consolidated metadata is not in the v3 spec" (yet)
             warnings.simplefilter("ignore", ZarrUserWarning)
             zarr.consolidate_metadata(self.group.store, path=self.group.path, zarr_format=3)
 
     # ----------------------------------------------------------------------------- attributes
     @property
     def meta(self) -> dict[str, Any]:
-        """The validated ``dinomix`` group attribute (teacher, preprocessing, dataset, ...)."""
+        """The validated ``dinomix`` group attribute (teacher, preprocessing, dataset, ...) as stored."""
         return self._meta
 
+    @property
+    def attrs(self) -> StoreAttrs:
+        """The same attribute, typed: ``store.attrs.teacher.hidden_size``, ``store.attrs.dataset.cases``."""
+        return self._attrs
+
     def update_meta(self, **sections: Any) -> None:
-        """Replace top-level sections of the ``dinomix`` attribute (written atomically)."""
+        """Replace top-level sections of the ``dinomix`` attribute (written atomically).
+
+        Raises:
+            UserError: the result does not validate, or the write fails (naming the store).
+        """
         meta = {**self._meta, **sections}
-        validate_attrs({ATTRS_KEY: meta}, self.location)
-        self.group.attrs[ATTRS_KEY] = meta
-        self._meta = meta
+        attrs = load_attrs({ATTRS_KEY: meta}, self.location)[1]
+        with writing(self.location):
+            self.group.attrs[ATTRS_KEY] = meta
+        self._meta, self._attrs = meta, attrs
 
     @property
     def class_names(self) -> list[str]:
-        return list(self._meta["dataset"]["class_names"])
+        return self._attrs.class_names
 
     @property
     def crop_windows(self) -> dict[str, list[int]] | None:
@@ -370,11 +383,11 @@ class FeatureStore:
 
     @property
     def storage(self) -> StoreSettings:
-        return StoreSettings(**self._meta["storage"])
+        return StoreSettings(**self._attrs.storage.model_dump())
 
     def roles(self) -> dict[str, str]:
         """Case id → role (labeled / unlabeled / eval / test) for every case the dataset lists."""
-        return {c["id"]: c["role"] for c in self._meta["dataset"]["cases"]}
+        return self._attrs.roles()
 
     # ----------------------------------------------------------------------------- cases
     def _subgroup(self, name: str) -> zarr.Group:
@@ -410,6 +423,7 @@ class FeatureStore:
         if isinstance(attrs, dict) and attrs.get("complete") is True:
             # A complete case never becomes incomplete in an open store (rebuilding makes a new
             # store), so reads in training loops do not re-read its metadata every time.
+            check_array(self.location, case_id, "features", array, self._attrs)
             self._complete.add(case_id)
             self._arrays[(case_id, "features")] = array  # type: ignore[assignment]
             return True
@@ -450,8 +464,13 @@ class FeatureStore:
         Raises:
             UserError: the write failed (e.g. disk full). The case stays incomplete and a rerun
                 of extract resumes it.
+            ValueError: an array's shape disagrees with the store's attributes (a caller's bug).
         """
         settings = self.storage
+        for name, data in (("features", features), ("image", image), ("label", label)):
+            want = self._attrs.array_spec(name).shape
+            if data is not None and tuple(data.shape) != want:
+                raise ValueError(f"case {case_id}: {name} shape {tuple(data.shape)}, the store's attributes say {want}")
         depth = features.shape[0]
         chunk = min(settings.chunk_slices, depth)
         if (windows is None) != (self.crop_windows is None):
@@ -479,6 +498,8 @@ class FeatureStore:
                     # Every chunk is written, even an all-background label chunk (zarr skips those by
                     # default): a missing chunk then always means damage, which `verify` reports.
                     config={"write_empty_chunks": True},
+                    # A value no write produces: a read that meets it has found a missing chunk.
+                    fill_value=fill_value(data.dtype),
                     **_codecs(settings, features=is_features),
                 )
                 target[...] = data
@@ -492,8 +513,14 @@ class FeatureStore:
             ) from exc
 
     def read_features(self, case_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Features of slices ``start:stop`` of a complete case, (stop-start, h, w, C) float16."""
-        return self._complete_array(case_id, "features")[start:stop]
+        """Features of slices ``start:stop`` of a complete case, (stop-start, h, w, C) float16.
+
+        Raises:
+            UserError: the case is incomplete, or a chunk read is damaged or missing (naming the
+                case and ``dinomix-cache verify``).
+        """
+        return checked_read(self.location, case_id, "features", self._complete_array(case_id, "features"),
+                            slice(start, stop), self._attrs.num_classes)
 
     def feature_shape(self, case_id: str) -> tuple[int, ...]:
         return tuple(self._complete_array(case_id, "features").shape)
@@ -513,7 +540,8 @@ class FeatureStore:
         """
         if self.crop_windows is None:
             raise UserError(f"{self.location} holds no crop windows; extract it with --crop-windows HxW")
-        return self._complete_array(case_id, "windows")[start:stop]
+        return checked_read(self.location, case_id, "windows", self._complete_array(case_id, "windows"),
+                            slice(start, stop), self._attrs.num_classes)
 
     def _complete_array(self, case_id: str, name: str) -> zarr.Array:
         """The features (``name="features"``) or a volume array of a complete case, opened once."""
@@ -521,10 +549,10 @@ class FeatureStore:
         if array is None:
             self._require_complete(case_id)  # also keeps the features' handle
             array = self._arrays.get((case_id, name))
-            if array is None and name == "windows":
-                array = self._windows_array(case_id)
-            elif array is None and name != "features":
-                array = self._volume_array(case_id, name)
+            if array is None and name != "features":
+                array = self._windows_array(case_id) if name == "windows" else self._volume_array(case_id, name)
+                if array is not None:
+                    check_array(self.location, case_id, name, array, self._attrs)
             if array is None:
                 raise KeyError(f"{self.location}: case {case_id} has no {name} array")
         return array
@@ -563,13 +591,15 @@ class FeatureStore:
         """Slices ``start:stop`` of a case's preprocessed ``image`` (float16) or ``label`` (uint8).
 
         Raises:
-            UserError: the case is incomplete, or the store holds no volumes (made with
-                ``--no-volumes``: pass ``--data`` to read the sources instead).
+            UserError: the case is incomplete, the store holds no volumes (made with
+                ``--no-volumes``: pass ``--data`` to read the sources instead), or a chunk read is
+                damaged or missing.
         """
         self._require_complete(case_id)
         if not self.has_volume(case_id, name):
             raise UserError(f"{self.location} holds no {name} volume for case {case_id} (made with --no-volumes?)")
-        return self._complete_array(case_id, name)[start:stop]
+        return checked_read(self.location, case_id, name, self._complete_array(case_id, name), slice(start, stop),
+                            self._attrs.num_classes)
 
     def nodes(self) -> list[tuple[str, zarr.Group | zarr.Array]]:
         """Every group and array a reader needs, as (path relative to the store root, node): the root,
@@ -598,17 +628,28 @@ class FeatureStore:
     def write_class_voxels(self, counts: np.ndarray) -> None:
         """Store voxel counts per class over the labeled cases, (num_classes,) int64."""
         counts = np.asarray(counts, dtype=np.int64)
-        arr = self._subgroup("stats").create_array(
-            "class_voxels", shape=counts.shape, dtype="int64", dimension_names=["class"], overwrite=True
-        )
-        arr[...] = counts
+        with writing(self.location):
+            arr = self._subgroup("stats").create_array(
+                "class_voxels", shape=counts.shape, dtype="int64", dimension_names=["class"], overwrite=True
+            )
+            arr[...] = counts
 
     def class_voxels(self) -> np.ndarray | None:
-        """(num_classes,) int64 voxel counts per class over labeled cases, or None if not written."""
+        """(num_classes,) int64 voxel counts per class over labeled cases, or None if not written.
+
+        Raises:
+            UserError: the array is unreadable, or not one non-negative count per class.
+        """
         try:
-            return np.asarray(self._subgroup("stats")["class_voxels"][...])
+            array = self._subgroup("stats")["class_voxels"]
         except (KeyError, FileNotFoundError):
             return None
+        counts = np.asarray(checked_read(self.location, "statistics", "class_voxels", array, Ellipsis,
+                                         self._attrs.num_classes))
+        if counts.shape != (self._attrs.num_classes,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+            raise UserError(f"{self.location}: stats/class_voxels holds {counts.shape} {counts.dtype}, not one count "
+                            f"per class ({self._attrs.num_classes}); run `dinomix-cache verify {self.location}`")
+        return counts
 
     # ----------------------------------------------------------------------------- sizes
     def bytes_on_disk(self, sub: str = "") -> int | None:

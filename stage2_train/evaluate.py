@@ -29,10 +29,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from dinomix_cache.atomic import atomic_path, write_atomic
+from dinomix_cache.atomic import atomic_path, remove_stale_temporaries, write_atomic
 from dinomix_cache.classes import class_abbreviations
 from dinomix_cache.datasets import CaseSource, scan_case_files
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import UserError, writing
 from dinomix_cache.locations import as_location
 from dinomix_cache.source_volumes import load_source_case, resolve_recorded
 from dinomix_cache.store import FeatureStore
@@ -129,7 +129,8 @@ class EvalCase:
 
 
 def _open_store(model: RunModel, cache: Path | str | None) -> FeatureStore | None:
-    """The run's store (folder, zip or URL), checked to be the one it was trained from; None if it is gone."""
+    """The run's store (folder, zip or URL), checked to be the one it was trained from; None if it is gone.
+    It holds a reader lock until closed (``extract --overwrite`` refuses to delete it meanwhile)."""
     path = as_location(cache if cache is not None else model.settings.cache)
     if isinstance(path, Path) and not path.exists():
         if cache is not None:
@@ -144,9 +145,10 @@ def _open_store(model: RunModel, cache: Path | str | None) -> FeatureStore | Non
         log.warning("the run's store is unavailable (%s)", exc)
         return None
     if store_identity(store)["attrs_sha256"] != model.store_sha256:
+        store.close()
         raise UserError(f"{path} is not the store {model.run} was trained from (attributes differ); "
                         "pass --cache with the run's store, or --data to rebuild the volumes from the sources")
-    return store
+    return store.hold_reader_lock()
 
 
 def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
@@ -179,16 +181,17 @@ def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
             assert loaded.label is not None
             yield EvalCase(cid, loaded.image, loaded.label, label_path, loaded.source)
         return
-    for cid in ids:
-        volumes = VolumeCache(store, [cid], with_labels=True, data=data)
-        if not volumes.has_label(cid):
-            raise UserError(f"{store.path} holds no label for {split} case {cid}")
-        source = (store.case_attrs(cid) or {}).get("source") or {}
-        label_path = None
-        if source.get("label") and root is not None:
-            candidate = resolve_recorded(source["label"], root)
-            label_path = candidate if candidate.exists() else None
-        yield EvalCase(cid, volumes.image(cid), volumes.label(cid), label_path, source)
+    with store:
+        for cid in ids:
+            volumes = VolumeCache(store, [cid], with_labels=True, data=data)
+            if not volumes.has_label(cid):
+                raise UserError(f"{store.path} holds no label for {split} case {cid}")
+            source = (store.case_attrs(cid) or {}).get("source") or {}
+            label_path = None
+            if source.get("label") and root is not None:
+                candidate = resolve_recorded(source["label"], root)
+                label_path = candidate if candidate.exists() else None
+            yield EvalCase(cid, volumes.image(cid), volumes.label(cid), label_path, source)
 
 
 def _mm_metrics(pred: np.ndarray, case: EvalCase, model: RunModel, convention: str) -> CaseMetrics | None:
@@ -315,7 +318,14 @@ def results_markdown(result: dict[str, Any]) -> str:
 def _write_outputs(settings: EvaluateSettings, result: dict[str, Any],
                    shown: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None) -> None:
     out = Path(settings.out)  # type: ignore[arg-type]
+    with writing(out):
+        _write_files(out, settings, result, shown)
+
+
+def _write_files(out: Path, settings: EvaluateSettings, result: dict[str, Any],
+                 shown: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # left by an evaluation killed while writing
     write_atomic(out / "results.json", json.dumps(result, indent=1))
     write_atomic(out / "results.md", results_markdown(result))
     with atomic_path(out / "cases.csv") as tmp, open(tmp, "w", newline="") as fh:

@@ -25,6 +25,7 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.preprocess import PreprocessSettings
 from stage2_train.networks import DinoMixStudent, student_autocast
 from stage2_train.run_folder import RunFolder
+from stage2_train.run_schema import state_dict_mismatch
 from stage2_train.settings import TrainSettings
 
 __all__ = ["DEFAULT_STRIDE", "InferenceSettings", "RunModel", "load_run_model", "sliding_window_probabilities"]
@@ -113,14 +114,15 @@ def load_run_model(run: Path, checkpoint: str = "best", device: torch.device | N
     cases), since the latest weights are then all there is.
 
     Raises:
-        UserError: not a run folder, or no checkpoint at all (train it first).
+        UserError: not a run folder; settings.json, store.json or the checkpoint damaged, foreign or
+            disagreeing with each other (naming the file); or no checkpoint at all (train it first).
+            The network is built from validated, bounded numbers only.
     """
-    from stage2_train.train import settings_from_json  # train imports this module's users, not this one
-
     folder = RunFolder(Path(run))
-    settings = settings_from_json(folder.settings())
+    settings = folder.train_settings()
     identity = folder.identity()
-    if "meta" not in identity:
+    attrs = folder.store_attrs()
+    if attrs is None:
         raise UserError(f"{run}/store.json records no store attributes (an older run); retrain it to evaluate")
     names = [checkpoint] + (["latest"] if checkpoint == "best" else [])
     found = next((n for n in names if (folder.path / f"{n}.pt").exists()), None)
@@ -130,14 +132,19 @@ def load_run_model(run: Path, checkpoint: str = "best", device: torch.device | N
     if found != checkpoint:
         log.info("%s has no %s.pt (no validation ran); using %s.pt", run, checkpoint, found)
     payload = folder.load_checkpoint(found)
-    meta = identity["meta"]
+    if any(c > v for c, v in zip(settings.crop, attrs.preprocessing.target_shape, strict=True)):
+        raise UserError(f"{run}/settings.json: crop {list(settings.crop)} exceeds the store's volumes "
+                        f"{list(attrs.preprocessing.target_shape)} (store.json); the run folder's files disagree")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network = DinoMixStudent(len(meta["dataset"]["class_names"]), int(meta["teacher"]["hidden_size"]),
-                             width=settings.width, projector_hidden=settings.projector_hidden,
-                             dropout=settings.dropout)
+    network = DinoMixStudent(attrs.num_classes, attrs.teacher.hidden_size, width=settings.width,
+                             projector_hidden=settings.projector_hidden, dropout=settings.dropout)
+    mismatch = state_dict_mismatch(network.state_dict(), payload["networks"]["student"])
+    if mismatch:
+        raise UserError(f"{folder.path / (found + '.pt')} does not fit the student that settings.json and store.json "
+                        f"describe ({mismatch}); the run folder's files disagree: restore them, or retrain")
     network.load_state_dict(payload["networks"]["student"])
     network.to(device).eval()
-    return RunModel(Path(run), settings, meta, network, device, found, int(payload["state"]["step"]),
+    return RunModel(Path(run), settings, identity["meta"], network, device, found, int(payload["state"]["step"]),
                     str(identity["attrs_sha256"]))
 
 

@@ -44,9 +44,9 @@ import numpy as np
 from isal import igzip
 from nibabel.filebasedimages import ImageFileError
 
-from dinomix_cache.atomic import write_atomic
+from dinomix_cache.atomic import remove_stale_temporaries, write_atomic
 from dinomix_cache.datasets import CaseSource
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import UserError, write_failed
 from dinomix_cache.preprocess import PreprocessSettings, load_case, reorient_to_array, reorient_to_file
 
 __all__ = ["Segmenter", "labels_to_source_grid", "predict_paths", "segment_file", "write_label"]
@@ -218,11 +218,11 @@ def write_label(labels: np.ndarray, reference: nib.Nifti1Image, out_path: Path, 
 
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_path.parent, [out_path.name])  # of a prediction killed while writing
         # synced: the rename must not reach the disk before the data
         return write_atomic(out_path, blob, sync=True)
     except OSError as exc:
-        raise UserError(f"cannot write {out_path} ({exc.strerror or exc}): check the folder's permissions "
-                        "and free disk space") from exc
+        raise write_failed(out_path, exc) from None
 
 
 def _plan(inputs: Path, output: Path) -> list[tuple[Path, Path]]:

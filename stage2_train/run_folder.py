@@ -11,21 +11,32 @@ Layout::
       best.pt              the best validation mean Dice so far
       progress.png         loss terms and validation Dice over epochs
 
-Checkpoints hold tensors, numbers and strings only and load with ``weights_only=True``.
+Checkpoints hold tensors, numbers and strings only and load with ``weights_only=True``. Every
+file is validated before use (:mod:`stage2_train.run_schema`): a damaged, foreign or hostile file
+is one :class:`~dinomix_cache.errors.UserError` naming it, and so is a failed write (read-only
+folder, full disk).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dinomix_cache.atomic import atomic_path, write_atomic
-from dinomix_cache.errors import UserError
+from dinomix_cache.atomic import atomic_path, remove_stale_temporaries, write_atomic
+from dinomix_cache.errors import UserError, writing
 from dinomix_cache.store import FeatureStore
+from dinomix_cache.store_schema import StoreAttrs
+from stage2_train.run_schema import check_checkpoint, check_identity, dataclass_from_json
+from stage2_train.settings import TrainSettings
+
+# What a run writes besides checkpoints; a run refused before its first checkpoint removes them.
+_RUN_FILES = ("settings.json", "store.json", "log.jsonl", "progress.png")
 
 
 def store_identity(store: FeatureStore) -> dict[str, Any]:
@@ -42,53 +53,140 @@ class RunFolder:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._made: list[Path] = []  # folders create() made, innermost first
 
     def create(self, settings_json: dict[str, Any], identity: dict[str, Any]) -> None:
-        """Start a new run. Raises UserError if the folder already holds a run (use --resume)."""
+        """Start a new run.
+
+        Raises:
+            UserError: the folder already holds a run (use --resume), or cannot be written.
+        """
         if (self.path / "settings.json").exists():
             raise UserError(f"{self.path} already holds a run; resume it with --resume {self.path} or choose --out")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._made = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
         self._write_json("settings.json", settings_json)
         self._write_json("store.json", identity)
 
+    def discard(self) -> None:
+        """Undo :meth:`create` for a run refused before its first checkpoint: its files and the folders
+        it made go (a refused command leaves nothing). A run with a checkpoint is kept, to resume."""
+        if any((self.path / f"{n}.pt").exists() for n in ("latest", "best")):
+            return
+        for name in _RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete half-written files a killed run left (``.latest.pt.<pid>.<token>.tmp``)."""
+        return remove_stale_temporaries(self.path)
+
     def settings(self) -> dict[str, Any]:
-        return self._read_json("settings.json")
+        """``settings.json``, validated (:meth:`train_settings`), as a dict."""
+        self.train_settings()
+        return json.loads(self._read_text("settings.json"))
+
+    def train_settings(self) -> TrainSettings:
+        """The run's settings from ``settings.json``, validated against :class:`TrainSettings`.
+
+        Raises:
+            UserError: missing, unreadable, not a JSON object, an unknown key, a wrong type or a
+                value out of bounds (naming the file and the field).
+        """
+        return dataclass_from_json(TrainSettings, self._read_text("settings.json"), str(self.path / "settings.json"))
 
     def identity(self) -> dict[str, Any]:
-        return self._read_json("store.json")
+        """``store.json`` (``path``, ``attrs_sha256``, ``meta``), validated (see :meth:`store_attrs`)."""
+        return check_identity(self._read_text("store.json"), str(self.path / "store.json"))[0]
 
-    def _read_json(self, name: str) -> dict[str, Any]:
+    def store_attrs(self) -> StoreAttrs | None:
+        """The store attributes ``store.json`` records, validated by the store's schema and hashed
+        against ``attrs_sha256``; None for a run recorded before store.json held them.
+
+        Raises:
+            UserError: missing, unreadable or invalid ``store.json``.
+        """
+        return check_identity(self._read_text("store.json"), str(self.path / "store.json"))[1]
+
+    def _read_text(self, name: str) -> str:
+        path = self.path / name
         try:
-            return json.loads((self.path / name).read_text())
+            return path.read_text()
         except FileNotFoundError:
             raise UserError(f"{self.path} is not a run folder ({name} missing)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise UserError(f"cannot read {path} ({reason}); restore it, or start a new run") from None
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        write_atomic(self.path / name, json.dumps(data, indent=2, default=str))
+        with writing(self.path / name):
+            write_atomic(self.path / name, json.dumps(data, indent=2, default=str))
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path / "log.jsonl", "a") as fh:
+        with writing(self.path / "log.jsonl"), open(self.path / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """The log's records; a torn last line (a run killed while appending) is skipped."""
         path = self.path / "log.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
-        """Write ``name.pt`` atomically (temp file, then rename): a crash never leaves half a file."""
-        with atomic_path(self.path / f"{name}.pt") as tmp:
+        """Write ``name.pt`` atomically (temp file, then rename): a crash never leaves half a file.
+
+        Raises:
+            UserError: the write failed (read-only folder, full disk); the old file stays.
+        """
+        with writing(self.path / f"{name}.pt"), atomic_path(self.path / f"{name}.pt") as tmp:
             torch.save(payload, tmp)
 
     def load_checkpoint(self, name: str = "latest") -> dict[str, Any]:
+        """Load ``name.pt`` with ``weights_only=True`` and check it is one of this code's checkpoints.
+
+        Raises:
+            UserError: missing, empty, truncated, foreign, or refused by the safe loader (a pickle
+                that would build other objects than tensors, numbers and strings); naming the file.
+        """
         path = self.path / f"{name}.pt"
         if not path.exists():
             raise UserError(f"{path} not found: the run has no checkpoint yet")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        fix = "restore it, copy the run's other checkpoint (best.pt / latest.pt) over it, or start a new run"
+        if path.is_file() and path.stat().st_size == 0:
+            raise UserError(f"{path} is empty (0 bytes): not a checkpoint; {fix}")
+        try:
+            with warnings.catch_warnings():  # torch warns about unusual pickle protocols, on several lines
+                warnings.simplefilter("ignore")
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{path} was refused by the safe loader: it holds objects other than tensors, numbers "
+                            f"and strings, so it is not a checkpoint of this tool and loading it could run code; "
+                            f"never load it otherwise: {fix}") from None
+        except Exception as exc:  # truncated zip, bad magic, EOF, a folder
+            reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+            raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason}): truncated, "
+                            f"damaged or foreign; {fix}") from None
+        return check_checkpoint(payload, path)
 
     def truncate_log(self, step: int) -> None:
         """Drop iteration records after ``step`` (written after the checkpoint a resume starts from)."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        write_atomic(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        with writing(self.path / "log.jsonl"):
+            write_atomic(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self) -> Path:
         """Draw ``progress.png``: per-epoch mean of each loss term, and validation mean Dice."""
@@ -118,6 +216,9 @@ class RunFolder:
         ax_dice.set(xlabel="epoch", ylabel="mean Dice (%)", title="validation (eval split, centre crop)")
         fig.tight_layout()
         out = self.path / "progress.png"
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
+        try:
+            with writing(out):
+                fig.savefig(out, dpi=100)
+        finally:
+            plt.close(fig)
         return out

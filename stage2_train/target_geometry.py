@@ -170,15 +170,11 @@ class TokenGeometry:
 
     @classmethod
     def of(cls, store: FeatureStore) -> TokenGeometry:
-        """Read from the store's attributes."""
-        teacher = store.meta["teacher"]
-        patch = int(teacher["patch_size"])
-        slice_hw = tuple(int(v) for v in store.meta["preprocessing"]["target_shape"][1:])
-        input_hw = tuple(int(v) for v in teacher.get("input_size") or slice_hw)
-        windows = store.crop_windows
-        pair = (lambda key: tuple(int(v) for v in windows[key])) if windows else (lambda key: None)
-        return cls(slice_hw, input_hw, (input_hw[0] // patch, input_hw[1] // patch), patch,  # type: ignore[arg-type]
-                   int(teacher["hidden_size"]), pair("size"), pair("positions"), pair("token_grid"))
+        """Read from the store's (validated) attributes."""
+        teacher, windows = store.attrs.teacher, store.attrs.crop_windows
+        slice_hw = tuple(store.attrs.preprocessing.target_shape[1:])
+        return cls(slice_hw, tuple(teacher.input_size), teacher.token_grid, teacher.patch_size,  # type: ignore[arg-type]
+                   teacher.hidden_size, *((windows.size, windows.positions, windows.token_grid) if windows else ()))
 
     @property
     def token_px(self) -> tuple[float, float]:

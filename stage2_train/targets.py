@@ -223,14 +223,13 @@ _CLASSES: dict[str, type[TargetPolicy]] = {"online": OnlineTargets, "cache": Cac
 
 def _checked_teacher(teacher: Teacher, store: FeatureStore) -> Teacher:
     """The teacher, if it is the store's (sizes and weights)."""
-    meta = store.meta["teacher"]
+    meta = store.attrs.teacher
     for key, have in (("hidden_size", teacher.hidden_size), ("patch_size", teacher.patch_size)):
-        if int(meta.get(key, have)) != have:
-            raise TargetsError(f"the teacher's {key} is {have} but the store's is {meta.get(key)}: load the "
-                               f"store's teacher ({meta.get('source')}) to recompute targets")
-    stored = meta.get("weights_sha256")
-    if stored and teacher.weights_sha256() != stored:
-        raise TargetsError(f"the teacher's weights differ from those the store was made with ({meta.get('source')}): "
+        if getattr(meta, key) != have:
+            raise TargetsError(f"the teacher's {key} is {have} but the store's is {getattr(meta, key)}: load the "
+                               f"store's teacher ({meta.source}) to recompute targets")
+    if meta.weights_sha256 and teacher.weights_sha256() != meta.weights_sha256:
+        raise TargetsError(f"the teacher's weights differ from those the store was made with ({meta.source}): "
                            "recomputed targets would not match the cached ones; load the store's teacher")
     return teacher
 

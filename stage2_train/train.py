@@ -15,8 +15,8 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.store import FeatureStore
 from dinomix_cache.teacher import Teacher, TeacherSettings, load_teacher
 from stage2_train.distributed import Distributed, checkpoint_payload, from_environment, restore_state
-from stage2_train.pic import PicSettings
 from stage2_train.run_folder import RunFolder, store_identity
+from stage2_train.run_schema import dataclass_from_json, state_dict_mismatch
 from stage2_train.sampling import VolumeCache, center_crop
 from stage2_train.settings import TrainSettings
 from stage2_train.targets import TargetPolicy, make_policy
@@ -26,12 +26,21 @@ log = logging.getLogger("dinomix_cache.train")
 
 
 def open_training_store(settings: TrainSettings) -> FeatureStore:
-    """Open the store and check it can train: complete, labeled cases, volumes, crop fits.
+    """Open the store and check it can train: complete, labeled cases, volumes, crop fits. The store
+    holds a reader lock until closed, so ``extract --overwrite`` cannot delete it meanwhile.
 
     Raises:
         UserError: naming what is missing and how to fix it.
     """
-    store = FeatureStore.open(settings.cache)
+    store = FeatureStore.open(settings.cache).hold_reader_lock()
+    try:
+        return _check_training_store(store, settings)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _check_training_store(store: FeatureStore, settings: TrainSettings) -> FeatureStore:
     incomplete = store.incomplete_cases()
     if incomplete or store.class_voxels() is None:
         raise UserError(f"{store.path} is not complete ({len(incomplete)} case(s) missing, e.g. "
@@ -42,7 +51,7 @@ def open_training_store(settings: TrainSettings) -> FeatureStore:
     if not store.storage.volumes and settings.data is None:
         raise UserError(f"{store.path} holds no volumes (made with --no-volumes); pass --data DIR, the dataset "
                         "folder it was extracted from, to rebuild them from the source files")
-    shape = tuple(int(v) for v in store.meta["preprocessing"]["target_shape"])
+    shape = store.attrs.preprocessing.target_shape
     if any(c > v for c, v in zip(settings.crop, shape, strict=True)):
         raise UserError(f"crop {'x'.join(map(str, settings.crop))} is larger than the store's volumes "
                         f"{'x'.join(map(str, shape))}; use a smaller --crop")
@@ -57,16 +66,16 @@ def load_store_teacher(store: FeatureStore, targets: str) -> Teacher:
     Raises:
         UserError: it cannot be loaded, or its weights differ from the store's.
     """
-    recorded = store.meta["teacher"]
+    recorded = store.attrs.teacher
     try:
-        teacher = load_teacher(TeacherSettings(source=recorded["source"], revision=recorded.get("revision"),
-                                               dtype=recorded["dtype"], input_size=tuple(recorded["input_size"])))
+        teacher = load_teacher(TeacherSettings(source=recorded.source, revision=recorded.revision,
+                                               dtype=recorded.dtype, input_size=tuple(recorded.input_size)))
     except UserError as exc:
         raise UserError(f"--targets {targets} needs the store's teacher: {exc} "
                         "(or train with --targets cache, which needs no teacher)") from None
-    identity = teacher.identity(tuple(recorded["input_size"]))
-    if identity.get("weights_sha256") != recorded.get("weights_sha256"):
-        raise UserError(f"the teacher at {recorded['source']} is not the one {store.path} was made with "
+    identity = teacher.identity(recorded.input_size)
+    if identity.get("weights_sha256") != recorded.weights_sha256:
+        raise UserError(f"the teacher at {recorded.source} is not the one {store.path} was made with "
                         "(weights differ); use --targets cache")
     return teacher
 
@@ -137,7 +146,9 @@ def train(settings: TrainSettings | None, resume: Path | None = None, max_steps:
 
     Raises:
         UserError: bad store, crop, teacher, a resume from another store or with another number of
-            processes, or too few cases for N processes.
+            processes, too few cases for N processes, a damaged run folder (settings.json,
+            store.json, latest.pt), damaged store data, or a failed write. A new run refused before
+            its first checkpoint leaves no run folder behind.
     """
     with from_environment() as context:
         return _train(context, settings, resume, max_steps, epochs, cache, progress)
@@ -146,9 +157,12 @@ def train(settings: TrainSettings | None, resume: Path | None = None, max_steps:
 def _train(context: Distributed, settings: TrainSettings | None, resume: Path | None, max_steps: int | None,
            epochs: int | None, cache: Path | str | None, progress: bool) -> Path:
     """:func:`train` in this process's place of the job (every rank runs it; rank 0 writes)."""
+    checkpoint: dict | None = None
     if resume is not None:
         folder = RunFolder(resume)
-        settings = settings_from_json(folder.settings())
+        settings = folder.train_settings()
+        saved = folder.identity()
+        checkpoint = folder.load_checkpoint("latest")  # validated before anything is built from it
         if cache is not None:
             settings = replace(settings, cache=cache)  # TrainSettings makes it a Path or keeps a URL
         if epochs is not None and epochs != settings.epochs:
@@ -160,32 +174,79 @@ def _train(context: Distributed, settings: TrainSettings | None, resume: Path | 
         if settings is None:
             raise UserError("no settings for a new run: pass --cache STORE")
         settings = settings.resolved()
+        # The same bounds as a saved settings.json: nothing is allocated from an unchecked number.
+        dataclass_from_json(type(settings), json.dumps(settings_to_json(settings)), "the training settings")
         folder = RunFolder(settings.out)  # type: ignore[arg-type]
-    device = context.device
+        if (folder.path / "settings.json").exists():
+            raise UserError(f"{folder.path} already holds a run; resume it with --resume {folder.path} or choose --out")
     store = open_training_store(settings)
-    identity = store_identity(store)
-    if resume is not None:
-        saved = folder.identity()
-        classes = saved.get("meta", {}).get("dataset", {}).get("class_names")
-        if classes is not None and list(classes) != store.class_names:
-            raise UserError(f"{store.path} has classes {', '.join(store.class_names)} but {resume} was trained on "
-                            f"{', '.join(classes)}; resume with the run's own store or start a new run")
-        if saved["attrs_sha256"] != identity["attrs_sha256"]:
-            raise UserError(f"{resume} was trained from another store ({saved['path']}); "
-                            f"{store.path} differs. Resume with the same store or start a new run")
-    roles = store.roles()
-    cases = store.complete_cases()
-    volumes = VolumeCache(store, cases, with_labels=True, data=settings.data)
-    iteration = DinoMixIteration(settings, store, volumes, load_policy(settings, store, volumes), device, context)
-    if resume is not None:
-        checkpoint = folder.load_checkpoint("latest")
-        iteration.load_state_dicts(checkpoint["networks"])
-        state = restore_state(context, checkpoint, resume)
-        context.run_on_main(lambda: folder.truncate_log(state.step))
-    else:
-        context.run_on_main(lambda: folder.create(settings_to_json(settings), identity))
-        state = TrainState.seeded(settings.seed, context.rank, context.world_size)
-    eval_ids = [c for c in cases if roles[c] == "eval"]
+    created = False
+    try:
+        if resume is not None:
+            _check_same_store(store, saved, resume)
+        identity = store_identity(store)
+        roles = store.roles()
+        cases = store.complete_cases()
+        volumes = VolumeCache(store, cases, with_labels=True, data=settings.data)
+        policy = load_policy(settings, store, volumes)
+        iteration = DinoMixIteration(settings, store, volumes, policy, context.device, context)
+        if checkpoint is not None:
+            state = _restore(context, iteration, checkpoint, folder.path / "latest.pt")
+            context.run_on_main(folder.remove_stale_temporaries)
+            context.run_on_main(lambda: folder.truncate_log(state.step))
+        else:
+            context.run_on_main(lambda: folder.create(settings_to_json(settings), identity))
+            created = True
+            state = TrainState.seeded(settings.seed, context.rank, context.world_size)
+        _loop(context, settings, folder, iteration, volumes, state, [c for c in cases if roles[c] == "eval"],
+              max_steps, progress)
+    except UserError:
+        if created and context.is_main:
+            folder.discard()  # nothing was trained yet: leave no run folder behind
+        raise
+    finally:
+        store.close()
+    return folder.path
+
+
+def _check_same_store(store: FeatureStore, saved: dict, resume: Path) -> None:
+    """Refuse to resume a run from a store other than its own (classes first: the clearer message)."""
+    classes = (saved.get("meta") or {}).get("dataset", {}).get("class_names")
+    if classes is not None and list(classes) != store.class_names:
+        raise UserError(f"{store.path} has classes {', '.join(store.class_names)} but {resume} was trained on "
+                        f"{', '.join(classes)}; resume with the run's own store or start a new run")
+    if saved["attrs_sha256"] != store_identity(store)["attrs_sha256"]:
+        raise UserError(f"{resume} was trained from another store ({saved['path']}); "
+                        f"{store.path} differs. Resume with the same store or start a new run")
+
+
+def _restore(context: Distributed, iteration: DinoMixIteration, checkpoint: dict, path: Path) -> TrainState:
+    """Load a validated checkpoint into the networks and the generators.
+
+    Raises:
+        UserError: its tensors do not fit the networks settings.json and store.json describe, or its
+            optimiser or generator states are malformed.
+    """
+    networks = checkpoint["networks"]
+    for name, module in (("student", iteration.student), ("ema", iteration.ema)):
+        mismatch = state_dict_mismatch(module.state_dict(), networks[name])
+        if mismatch:
+            raise UserError(f"{path} does not fit the run's {name} network ({mismatch}): settings.json or store.json "
+                            "disagree with the checkpoint; restore the run folder's files, or start a new run")
+    try:
+        iteration.load_state_dicts(networks)
+        return restore_state(context, checkpoint, path.parent)
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise UserError(f"{path} holds a malformed optimiser or generator state ({type(exc).__name__}: {reason}); "
+                        "restore it, or start a new run") from None
+
+
+def _loop(context: Distributed, settings: TrainSettings, folder: RunFolder, iteration: DinoMixIteration,
+          volumes: VolumeCache, state: TrainState, eval_ids: list[str], max_steps: int | None, progress: bool) -> None:
+    """Iterate to the end (or ``max_steps``): log, validate each epoch, checkpoint, plot."""
     per_epoch = iteration.sampler.iterations_per_epoch()
     total_steps = settings.epochs * per_epoch
     stop = min(total_steps, max_steps) if max_steps is not None else total_steps
@@ -194,32 +255,33 @@ def _train(context: Distributed, settings: TrainSettings | None, resume: Path | 
                  "none" if iteration.policy is None else settings.targets)
     bar = TrainProgress(stop, state.step, enabled=progress and context.is_main)
     recomputed: list[float] = []  # this epoch's (since the start or the resume point)
-    while state.step < stop:
-        start = time.perf_counter()
-        record = context.mean_record(iteration.step(state))
-        recomputed.append(record.get("recomputed", 0.0))
-        if context.is_main:
-            bar.update(state, record, time.perf_counter() - start)
-            folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
-                        "seconds": round(time.perf_counter() - start, 4), **record})
-        if state.iteration == 0:  # an epoch just ended
-            dice = float("nan")
+    try:
+        while state.step < stop:
+            start = time.perf_counter()
+            record = context.mean_record(iteration.step(state))
+            recomputed.append(record.get("recomputed", 0.0))
             if context.is_main:
-                dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
-                folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
-                            "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class],
-                            "recomputed": round(float(np.mean(recomputed)), 4)})
-            recomputed.clear()
-            dice = context.broadcast_float(dice)  # the other ranks wait here, then update best_dice alike
-            if dice > state.best_dice:
-                state.best_dice = dice
-                save_checkpoint(context, folder, "best", iteration, state)
-        if state.step % settings.checkpoint_every == 0 or state.step == stop:
-            save_checkpoint(context, folder, "latest", iteration, state)
-    bar.close()
+                bar.update(state, record, time.perf_counter() - start)
+                folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
+                            "seconds": round(time.perf_counter() - start, 4), **record})
+            if state.iteration == 0:  # an epoch just ended
+                dice = float("nan")
+                if context.is_main:
+                    dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
+                    folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
+                                "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class],
+                                "recomputed": round(float(np.mean(recomputed)), 4)})
+                recomputed.clear()
+                dice = context.broadcast_float(dice)  # the other ranks wait here, then update best_dice alike
+                if dice > state.best_dice:
+                    state.best_dice = dice
+                    save_checkpoint(context, folder, "best", iteration, state)
+            if state.step % settings.checkpoint_every == 0 or state.step == stop:
+                save_checkpoint(context, folder, "latest", iteration, state)
+    finally:
+        bar.close()
     if context.is_main:
         folder.plot()
-    return folder.path
 
 
 def save_checkpoint(context: Distributed, folder: RunFolder, name: str, iteration: DinoMixIteration,
@@ -256,15 +318,10 @@ def settings_to_json(settings: TrainSettings) -> dict:
     return json.loads(json.dumps(asdict(settings), default=str))
 
 
-def settings_from_json(data: dict) -> TrainSettings:
-    """The inverse of :func:`settings_to_json` (tuples and paths restored)."""
-    data = dict(data)
-    # `cache` stays as saved: TrainSettings makes a local store a Path and keeps a URL a str.
-    data["out"] = Path(data["out"]) if data.get("out") else None
-    data["data"] = Path(data["data"]) if data.get("data") else None
-    data["crop"] = tuple(data["crop"])
-    data["gamma_range"] = tuple(data["gamma_range"])
-    pic = dict(data["pic"])
-    pic["box_fraction"] = tuple(pic["box_fraction"])
-    data["pic"] = PicSettings(**pic)
-    return TrainSettings(**data)
+def settings_from_json(data: dict, where: str = "settings.json") -> TrainSettings:
+    """The inverse of :func:`settings_to_json`, validated (see :mod:`stage2_train.run_schema`).
+
+    Raises:
+        UserError: an unknown key, a wrong type or a value out of bounds (naming ``where``).
+    """
+    return dataclass_from_json(TrainSettings, json.dumps(data), where)

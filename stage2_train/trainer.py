@@ -153,7 +153,7 @@ class DinoMixIteration:
         self.rates = class_rates(counts)
         num_classes = len(store.class_names)
         torch.manual_seed(settings.seed)  # network initialisation
-        self.student = DinoMixStudent(num_classes, int(store.meta["teacher"]["hidden_size"]), width=settings.width,
+        self.student = DinoMixStudent(num_classes, store.attrs.teacher.hidden_size, width=settings.width,
                                       projector_hidden=settings.projector_hidden, dropout=settings.dropout).to(device)
         self.ema = EmaTeacher(self.student)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=settings.lr, momentum=settings.momentum,

@@ -44,3 +44,26 @@ def tiny_settings(data: Path, out: Path, **changes) -> ExtractSettings:
         progress=False,
     )
     return replace(base, **changes)
+
+
+@pytest.fixture(scope="session")
+def good_store(phantom_dir, tmp_path_factory) -> Path:
+    """A complete tiny store (the six phantom cases at 16 x 32 x 32, random:tiny); never changed: copy it to
+    damage it."""
+    from stage1_extract.runner import run_extraction
+
+    out = tmp_path_factory.mktemp("good") / "s.zarr"
+    run_extraction(tiny_settings(phantom_dir, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def good_run(good_store, tmp_path_factory) -> Path:
+    """A run folder trained one step from ``good_store`` (settings.json, store.json, latest.pt, best.pt);
+    never changed: copy it to damage it."""
+    from stage2_train.settings import TrainSettings
+    from stage2_train.train import train
+
+    settings = TrainSettings(cache=good_store, out=tmp_path_factory.mktemp("good-run") / "run", width=2,
+                             crop=(16, 32, 32), epochs=1, checkpoint_every=1, targets="cache", dropout=False)
+    return train(settings, max_steps=1)

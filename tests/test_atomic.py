@@ -28,3 +28,20 @@ def test_a_failing_writer_leaves_the_old_file(tmp_path):
 def test_missing_folder_raises(tmp_path):
     with pytest.raises(OSError):
         write_atomic(tmp_path / "no" / "such" / "file", "x")
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from dinomix_cache.atomic import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    stale, live = tmp_path / f".latest.pt.{dead.pid}.0123abcd.tmp", tmp_path / ".latest.pt.1.0123abcd.tmp"
+    other = tmp_path / f".notes.{dead.pid}.tmp"  # not an atomic_path name
+    for path in (stale, live, other):
+        path.write_bytes(b"")
+    assert remove_stale_temporaries(tmp_path, ["best.pt"]) == []
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert live.exists() and other.exists()

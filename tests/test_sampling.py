@@ -7,9 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from toy_meta import toy_meta
 
 from dinomix_cache.errors import UserError
-from dinomix_cache.store import FeatureStore, StoreSettings, settings_to_json
+from dinomix_cache.store import FeatureStore, StoreSettings
 from stage2_train.sampling import (
     Crop,
     IterationSampler,
@@ -22,15 +23,7 @@ from stage2_train.sampling import (
 
 def make_meta(storage: StoreSettings) -> dict:
     """Store attributes of a toy dataset: case 0001 labeled, 0002 unlabeled, volumes 12x32x32."""
-    return {
-        "teacher": {"source": "random:tiny", "hidden_size": 8, "patch_size": 16, "input_size": [32, 32]},
-        "preprocessing": {"target_shape": [12, 32, 32]},
-        "dataset": {"name": "toy", "class_names": ["background", "a", "b"],
-                    "cases": [{"id": "0001", "role": "labeled"}, {"id": "0002", "role": "unlabeled"}]},
-        "producer": {"package": "dinomix-cache"},
-        "storage": settings_to_json(storage),
-        "extraction": {"complete": False},
-    }
+    return toy_meta(storage)
 
 
 def case_arrays(seed: int):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import zarr
+from toy_meta import toy_meta
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store import (
@@ -16,21 +17,12 @@ from dinomix_cache.store import (
     StoreSettings,
     is_store,
     remove_store,
-    settings_to_json,
     validate_attrs,
 )
 
 
 def make_meta(storage: StoreSettings | None = None, cases=(("0001", "labeled"), ("0002", "unlabeled"))) -> dict:
-    return {
-        "teacher": {"source": "random:tiny", "hidden_size": 8, "patch_size": 16, "input_size": [32, 32]},
-        "preprocessing": {"target_shape": [12, 32, 32]},
-        "dataset": {"name": "toy", "class_names": ["background", "a", "b"],
-                    "cases": [{"id": c, "role": r} for c, r in cases]},
-        "producer": {"package": "dinomix-cache"},
-        "storage": settings_to_json(storage or StoreSettings(chunk_slices=4)),
-        "extraction": {"complete": False},
-    }
+    return toy_meta(storage, cases)
 
 
 def case_arrays(seed: int = 0):
@@ -81,8 +73,9 @@ def test_case_is_invisible_until_its_complete_attribute(tmp_path):
 def test_lossy_mode_error_bound_and_size(tmp_path):
     feats, image, label = case_arrays()
     feats = np.random.default_rng(1).standard_normal((64, 10, 10, 64)).astype(np.float32)
-    exact = FeatureStore.create(tmp_path / "a.zarr", make_meta(StoreSettings()))
-    lossy = FeatureStore.create(tmp_path / "b.zarr", make_meta(StoreSettings(compression="lossy", keepbits=7)))
+    big = {"cases": (("0001", "labeled"),), "hidden": 64, "shape": (64, 160, 160)}
+    exact = FeatureStore.create(tmp_path / "a.zarr", toy_meta(StoreSettings(), **big))
+    lossy = FeatureStore.create(tmp_path / "b.zarr", toy_meta(StoreSettings(compression="lossy", keepbits=7), **big))
     for s in (exact, lossy):
         s.write_case("0001", feats, None, None, {})
     ref = feats.astype(np.float16).astype(np.float32)
@@ -126,8 +119,8 @@ def test_checksums_catch_a_flipped_byte(tmp_path):
     [
         (lambda m: m.update(format="something-else"), "not a dinomix feature store"),
         (lambda m: m.update(version=2), "newer than this dinomix-cache reads"),
-        (lambda m: m.pop("teacher"), "'teacher' is missing"),
-        (lambda m: m["dataset"]["cases"].append({"id": "../x"}), "malformed case"),
+        (lambda m: m.pop("teacher"), r"dinomix\.teacher \(missing\)"),
+        (lambda m: m["dataset"]["cases"].append({"id": "../x", "role": "test"}), r"dinomix\.dataset\.cases\[2\]\.id"),
     ],
 )
 def test_attributes_validated_before_use(tmp_path, mutate, message):
@@ -166,3 +159,30 @@ def test_class_voxels_round_trip(tmp_path):
 def test_validate_attrs_accepts_a_created_store(tmp_path):
     store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
     assert validate_attrs({ATTRS_KEY: store.meta}, "x")["version"] == 1
+
+
+def test_typed_attributes_and_the_optional_crop_windows_section(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
+    assert store.attrs.teacher.hidden_size == 8 and store.attrs.teacher.token_grid == (2, 2)
+    assert store.attrs.roles() == {"0001": "labeled", "0002": "unlabeled"} and store.attrs.crop_windows is None
+    windows = {"size": [32, 32], "positions": [3, 3], "token_grid": [2, 2]}
+    store.update_meta(crop_windows=windows)
+    reopened = FeatureStore.open(tmp_path / "s.zarr")
+    assert reopened.attrs.array_spec("windows").shape == (12, 3, 3, 2, 2, 8)
+    with pytest.raises(UserError, match=r"dinomix\.crop_windows\.positions\[0\]"):
+        store.update_meta(crop_windows={**windows, "positions": [0, 3]})
+    store.update_meta(crop_windows=None)
+    assert FeatureStore.open(tmp_path / "s.zarr").attrs.crop_windows is None
+
+
+def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
+    store.write_case("0001", *case_arrays(), {"role": "labeled"})
+    (tmp_path / "s.zarr" / "features" / "0001" / "c" / "1" / "0" / "0" / "0").unlink()
+    reopened = FeatureStore.open(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(reopened.read_features("0001", 0, 4), case_arrays()[0][:4].astype(np.float16))
+    with pytest.raises(UserError, match=r"case 0001 features holds the fill value.*dinomix-cache verify"):
+        reopened.read_features("0001", 2, 6)
+    (tmp_path / "s.zarr" / "volumes" / "0001" / "label" / "c" / "2" / "0" / "0").unlink()
+    with pytest.raises(UserError, match="case 0001 label holds the fill value"):
+        reopened.read_volume("0001", "label")
