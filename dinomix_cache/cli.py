@@ -237,6 +237,11 @@ def train(
     labeled_only: bool = typer.Option(False, "--labeled-only", help="Baseline: supervised on the labeled cases only."),
     flip: bool = typer.Option(False, "--flip", help="Random flips of the weak view (forces teacher recomputes)."),
     aux_mode: str = typer.Option("exclude", "--aux-mode", help="exclude (true masking) or skcdf (SKCDF's multiply)."),
+    precision: str = typer.Option("auto", "--precision", help="Student forwards: auto (bf16 autocast on a GPU or "
+                                  "a CPU with native bf16, AVX512-BF16 or AMX; float32 elsewhere), float32 or "
+                                  "bfloat16. Recorded resolved in settings.json; losses stay float32."),
+    memory_format: str = typer.Option("auto", "--memory-format", help="auto (channels-last on a CPU, except bf16 on "
+                                      "an AMX CPU), contiguous or channels_last. Recorded resolved."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many iterations in total."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -272,7 +277,7 @@ def train(
                   **({"gamma": pic_gamma} if pic_gamma is not None else {}))
     changes: dict = {"out": out_path, "data": data, "targets": targets, "seed": seed, "fkd": not no_fkd,
                      "aux": not no_aux, "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode,
-                     "pic": pic, "crop_grid": crop_grid}
+                     "pic": pic, "crop_grid": crop_grid, "precision": precision, "memory_format": memory_format}
     for key, value in (("epochs", epochs), ("width", width), ("tau", tau)):
         if value is not None:
             changes[key] = value
@@ -282,6 +287,10 @@ def train(
         raise UserError(f"--targets {targets}: choose online, cache or hybrid")
     if crop_grid not in ("token", "voxel"):
         raise UserError(f"--crop-grid {crop_grid}: choose token or voxel")
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"--precision {precision}: choose auto, float32 or bfloat16")
+    if memory_format not in ("auto", "contiguous", "channels_last"):
+        raise UserError(f"--memory-format {memory_format}: choose auto, contiguous or channels_last")
     done(run_training(replace(settings, **changes), max_steps=max_steps, progress=progress))
 
 

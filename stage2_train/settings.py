@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from dinomix_cache.locations import as_location
+from stage2_train.networks import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
 from stage2_train.pic import PicSettings
 
 PRESETS = ("paper", "cpu-small")
@@ -41,6 +44,13 @@ class TrainSettings:
         targets: ``online``, ``cache`` or ``hybrid`` distillation targets.
         seed: seeds every random draw.
         checkpoint_every: iterations between atomic ``latest`` checkpoints.
+        precision: of the student's and EMA teacher's forwards: ``auto`` (resolved when the run starts and
+            saved resolved: ``bfloat16`` autocast on a GPU, and on a CPU with native bf16, AVX512-BF16 or AMX,
+            whose bf16 convolutions pass a check against float32 at this width, crop and batch;
+            ``float32`` elsewhere), ``float32`` or ``bfloat16``. Losses are float32 either way.
+        memory_format: of the networks and their inputs: ``auto`` (resolved at start: ``channels_last``,
+            i.e. ``torch.channels_last_3d``, on a CPU except bf16 on an AMX CPU; ``contiguous`` on a GPU),
+            ``contiguous`` or ``channels_last``.
         projector_hidden: hidden channels of the projector (None = one 1x1x1 conv).
         crop_grid: where training crops may start in-plane. ``token`` (default): on the store's token
             grid (every 16 pixels when the teacher saw the slices at their own size), so an unmixed
@@ -79,6 +89,8 @@ class TrainSettings:
     targets: str = "hybrid"
     seed: int = 0
     checkpoint_every: int = 50
+    precision: str = "auto"
+    memory_format: str = "auto"
     projector_hidden: int | None = None
     dropout: bool = True
     crop_grid: str = "token"
@@ -88,14 +100,29 @@ class TrainSettings:
         object.__setattr__(self, "cache", as_location(self.cache))
         if self.crop_grid not in CROP_GRIDS:
             raise ValueError(f"unknown crop grid {self.crop_grid!r}: use one of {', '.join(CROP_GRIDS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory format {self.memory_format!r}: use one of {', '.join(MEMORY_FORMATS)}")
 
-    def resolved(self) -> TrainSettings:
-        """A copy with the run folder filled in."""
-        if self.out is not None:
-            return self
-        name = str(self.cache).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip").removesuffix(".zarr")
-        mode = "labeled-only" if self.labeled_only else self.targets
-        return replace(self, out=Path("runs") / f"{name}-{mode}-seed{self.seed}")
+    @property
+    def batch(self) -> int:
+        """Crops per student forward: labeled + unlabeled."""
+        return self.n_labeled + self.n_unlabeled
+
+    def resolved(self, device: torch.device | None = None) -> TrainSettings:
+        """A copy with the run folder filled in and, given the ``device`` it trains on, ``precision`` and
+        ``memory_format`` resolved (what ``settings.json`` records; a resumed run keeps them)."""
+        changes: dict = {}
+        if self.out is None:
+            name = str(self.cache).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip").removesuffix(".zarr")
+            mode = "labeled-only" if self.labeled_only else self.targets
+            changes["out"] = Path("runs") / f"{name}-{mode}-seed{self.seed}"
+        if device is not None:
+            precision = resolve_precision(self.precision, device, self.width, self.crop, self.batch)
+            changes.update(precision=precision,
+                           memory_format=resolve_memory_format(self.memory_format, device, precision))
+        return replace(self, **changes) if changes else self
 
 
 def preset(name: str, cache: Path | str) -> TrainSettings:
