@@ -11,7 +11,7 @@ from dinomix_cache.locations import as_location
 from stage2_train.networks import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
 from stage2_train.pic import PicSettings
 
-PRESETS = ("paper", "cpu-small")
+PRESETS = ("paper", "cpu", "cpu-small")
 CROP_GRIDS = ("token", "voxel")
 
 
@@ -130,6 +130,8 @@ def preset(name: str, cache: Path | str) -> TrainSettings:
     no dropout, 30 epochs of 8 iterations: 1.5-3 minutes on 2 CPU cores, for demos; not for accuracy)."""
     if name == "paper":
         return TrainSettings(cache=cache)
+    if name == "cpu":
+        return TrainSettings(cache=cache, width=8, crop=(48, 64, 64), epochs=50, checkpoint_every=40, dropout=False)
     if name == "cpu-small":
         return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=30, checkpoint_every=40, dropout=False)
     raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
