@@ -252,6 +252,11 @@ def train(
     labeled_only: bool = typer.Option(False, "--labeled-only", help="Baseline: supervised on the labeled cases only."),
     flip: bool = typer.Option(False, "--flip", help="Random flips of the weak view (forces teacher recomputes)."),
     aux_mode: str = typer.Option("exclude", "--aux-mode", help="exclude (true masking) or skcdf (SKCDF's multiply)."),
+    precision: str = typer.Option("auto", "--precision", help="Student forwards: auto (bf16 autocast on a GPU or "
+                                  "a CPU with native bf16, AVX512-BF16 or AMX; float32 elsewhere), float32 or "
+                                  "bfloat16. Recorded resolved in settings.json; losses stay float32."),
+    memory_format: str = typer.Option("auto", "--memory-format", help="auto (channels-last on a CPU, except bf16 on "
+                                      "an AMX CPU), contiguous or channels_last. Recorded resolved."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many iterations in total."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -287,7 +292,8 @@ def train(
                   **({"gamma": pic_gamma} if pic_gamma is not None else {}))
     changes: dict = {"out": out_path, "data": data, "targets": targets, "seed": seed, "fkd": not no_fkd,
                      "aux": not no_aux, "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode,
-                     "pic": pic, "teacher_view": teacher_view, "crop_grid": crop_grid}
+                     "pic": pic, "teacher_view": teacher_view, "crop_grid": crop_grid, "precision": precision,
+                     "memory_format": memory_format}
     for key, value in (("epochs", epochs), ("width", width), ("tau", tau)):
         if value is not None:
             changes[key] = value
@@ -483,6 +489,63 @@ def bench_targets_cmd(
         for mode, entry in result.items():
             text = "  ".join(f"{k} {v}" for k, v in entry.items()) if isinstance(entry, dict) else str(entry)
             out.print(f"{mode:<14}{text}", highlight=False)
+
+
+@bench_app.command("ablation")
+@user_errors
+def bench_ablation_cmd(
+    cache: str = typer.Option("storage/phantom-cpu.zarr", "--cache", help="The feature store (the demo's CPU-sized "
+                              "phantom store by default)."),
+    out_path: Path = typer.Option(Path("runs/ablation"), "--out", help="Benchmark folder: one run folder per row "
+                                  "and seed, evaluation-ROW/, ablation.md, ablation.json."),
+    preset: str = typer.Option("cpu", "--preset", help="Training preset of every row (cpu: the demo's)."),
+    rows: list[str] | None = typer.Option(None, "--row", help="Only these rows (repeat): labeled-only, consistency, "
+                                          "pic, pic-fkd, dino-mix. Default all five."),
+    seeds: list[int] | None = typer.Option(None, "--seed", help="Seeds (repeat). Default 0 1 666."),
+    epochs: int | None = typer.Option(None, "--epochs", help="E_max of every run (default: the preset's)."),
+    width: int | None = typer.Option(None, "--width", help="VNet base width (default: the preset's)."),
+    crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (default: the preset's)."),
+    targets: str = typer.Option("hybrid", "--targets", help="Distillation targets of the rows with FKD: hybrid, "
+                                "cache or online."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop every run after this many steps (smoke "
+                                         "runs; the schedule still spans --epochs)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw each row's dice.png and qualitative.png."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars while training."),
+) -> None:
+    """The paper's Table 3 on a store: labeled only, consistency only, + PIC, + PIC + FKD, all parts,
+    each trained for seeds 0, 1 and 666 at one budget and evaluated on the test split.
+
+    Prints per-class Dice mean ± std over the seeds and writes OUT/ablation.md. Rerun the same command
+    after an interruption: finished runs are kept, an unfinished one resumes from its latest checkpoint.
+    """
+    _setup_logging()
+    from rich.table import Table
+
+    from stage2_train.ablation import ROWS, SEEDS, AblationSettings, run_ablation
+
+    if targets not in ("online", "cache", "hybrid"):
+        raise UserError(f"--targets {targets}: choose online, cache or hybrid")
+    settings = AblationSettings(cache=cache, out=out_path, preset=preset, rows=tuple(rows or ROWS),
+                                seeds=tuple(seeds or SEEDS), epochs=epochs, width=width,
+                                crop=parse_shape(crop, 3, "--crop") if crop else None, targets=targets,  # type: ignore[arg-type]
+                                max_steps=max_steps,
+                                figures=figures, progress=progress)
+    summary = run_ablation(settings)
+    table = Table(title=f"Dice (%), test split, mean ± std over seeds {' '.join(map(str, settings.seeds))}",
+                  title_justify="left")
+    for name in ("Row", "Avg. Dice", "Avg. ASD", *summary["class_labels"]):
+        table.add_column(name, justify="left" if name == "Row" else "right", no_wrap=True)
+
+    def f(v: float | None, d: int = 1) -> str:
+        return "n/a" if v is None or v != v else f"{v:.{d}f}"
+
+    for r in summary["rows"]:
+        (md, sd), (ma, sa) = r["mean_dice"], r["mean_asd"]
+        table.add_row(escape(r["label"]), f"{f(md, 2)}±{f(sd)}", f"{f(ma, 2)}±{f(sa)}",
+                      *(f"{f(m)}±{f(d)}" for m, d in r["dice"]))
+    Console(width=max(out.width, 60 + 13 * len(summary["class_labels"]))).print(table)
+    err.print(f"{out_path}/ablation.md (training {summary['train_s'] / 60:.1f} min in all)", highlight=False,
+              soft_wrap=True)
 
 
 def main() -> None:

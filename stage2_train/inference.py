@@ -6,8 +6,9 @@ last one on each axis clamped to end at the border; each window's softmax of the
 head is summed into the volume with uniform weights and divided by the per-voxel count; argmax.
 MONAI's ``sliding_window_inference`` does exactly this with ``mode="constant"``.
 
-Only the student is used (not the EMA copy, not the auxiliary head). On GPU the forward runs under
-bf16 autocast and the probabilities are accumulated in float32.
+Only the student is used (not the EMA copy, not the auxiliary head). A run trained in bf16 (on a GPU,
+or on a CPU with native bf16) is run under bf16 autocast where the device has native bf16, in float32
+elsewhere (:func:`inference_precision`); the probabilities are accumulated in float32.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from monai.inferers import sliding_window_inference
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.preprocess import PreprocessSettings
-from stage2_train.networks import DinoMixStudent, student_autocast
+from stage2_train.networks import DinoMixStudent, bf16_native, student_autocast
 from stage2_train.run_folder import RunFolder
 from stage2_train.run_schema import state_dict_mismatch
 from stage2_train.settings import TrainSettings
 
-__all__ = ["DEFAULT_STRIDE", "InferenceSettings", "RunModel", "load_run_model", "sliding_window_probabilities"]
+__all__ = ["DEFAULT_STRIDE", "InferenceSettings", "RunModel", "inference_precision", "load_run_model",
+           "sliding_window_probabilities"]
 
 log = logging.getLogger("dinomix_cache.inference")
 
@@ -100,11 +102,23 @@ class RunModel:
     def patch(self, settings: InferenceSettings) -> tuple[int, int, int]:
         return tuple(int(v) for v in (settings.patch or self.settings.crop))  # type: ignore[return-value]
 
+    @property
+    def precision(self) -> str:
+        """The precision of this model's forwards (:func:`inference_precision`)."""
+        return inference_precision(self.settings.precision, self.device)
+
     def segment(self, image: np.ndarray, settings: InferenceSettings = InferenceSettings()) -> np.ndarray:
         """Labels of a preprocessed (D, H, W) image in [0, 1]: (D, H, W) uint8, same grid."""
         probs = sliding_window_probabilities(self.network, image, self.patch(settings), settings.stride,
-                                             settings.sw_batch_size, self.device)
-        return probs.argmax(0).to(torch.uint8).cpu().numpy()
+                                             settings.sw_batch_size, self.device, self.precision)
+        # max(0).indices = argmax(0) (the first maximum), four times faster on a CPU
+        return probs.max(0).indices.to(torch.uint8).cpu().numpy()
+
+
+def inference_precision(trained: str, device: torch.device) -> str:
+    """``bfloat16`` for a run trained in bf16 (its recorded ``precision``) on a device with native bf16
+    (a GPU, an AVX512-BF16 or AMX CPU); ``float32`` otherwise."""
+    return "bfloat16" if trained == "bfloat16" and bf16_native(device) else "float32"
 
 
 def load_run_model(run: Path, checkpoint: str = "best", device: torch.device | None = None) -> RunModel:
@@ -155,6 +169,7 @@ def sliding_window_probabilities(
     stride: tuple[int, int, int],
     sw_batch_size: int,
     device: torch.device,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Uniformly averaged softmax of the main head over sliding windows.
 
@@ -166,6 +181,8 @@ def sliding_window_probabilities(
         stride: voxels between window starts (D, H, W).
         sw_batch_size: windows per forward pass.
         device: where the network runs; the (C, D, H, W) float32 sum is kept there too.
+        precision: of the network's forwards: ``float32``, ``bfloat16`` or ``auto`` (bf16 where the
+            device has native bf16; see :func:`~stage2_train.networks.resolve_precision`).
 
     Returns:
         (C, D, H, W) float32 class probabilities on ``device``.
@@ -184,7 +201,7 @@ def sliding_window_probabilities(
     overlap = [1.0 - (s + 0.5) / p if s < p else 0.0 for s, p in zip(stride, patch, strict=True)]
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
-        with student_autocast(device):
+        with student_autocast(device, precision):
             logits = network(batch).logits
         return torch.softmax(logits.float(), dim=1)
 

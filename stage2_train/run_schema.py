@@ -33,7 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, c
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store_schema import MAX_HIDDEN, MAX_SIDE, StoreAttrs, check_store_attrs, validation_message
+from stage2_train.networks import MEMORY_FORMATS, PRECISIONS
 from stage2_train.settings import CROP_GRIDS
+from stage2_train.teacher_views import TEACHER_VIEWS
 
 __all__ = ["BOUNDS", "CHOICES", "check_checkpoint", "check_identity", "dataclass_from_json", "state_dict_mismatch"]
 
@@ -64,6 +66,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "targets": ("online", "cache", "hybrid"),
     "aux_mode": ("exclude", "skcdf"),
     "crop_grid": CROP_GRIDS,
+    "teacher_view": TEACHER_VIEWS,
+    "precision": PRECISIONS,
+    "memory_format": MEMORY_FORMATS,
 }
 _STRICT = ConfigDict(strict=True, extra="forbid")
 

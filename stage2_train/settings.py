@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from dinomix_cache.errors import UserError
 from dinomix_cache.locations import as_location
+from stage2_train.networks import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
 from stage2_train.pic import PicSettings
 from stage2_train.teacher_views import TEACHER_VIEWS
 
-PRESETS = ("paper", "cpu-small")
+PRESETS = ("paper", "cpu", "cpu-small")
 CROP_GRIDS = ("token", "voxel")
 
 
@@ -47,6 +50,13 @@ class TrainSettings:
         targets: ``online``, ``cache`` or ``hybrid`` distillation targets.
         seed: seeds every random draw.
         checkpoint_every: iterations between atomic ``latest`` checkpoints.
+        precision: of the student's and EMA teacher's forwards: ``auto`` (resolved when the run starts and
+            saved resolved: ``bfloat16`` autocast on a GPU, and on a CPU with native bf16, AVX512-BF16 or AMX,
+            whose bf16 convolutions pass a check against float32 at this width, crop and batch;
+            ``float32`` elsewhere), ``float32`` or ``bfloat16``. Losses are float32 either way.
+        memory_format: of the networks and their inputs: ``auto`` (resolved at start: ``channels_last``,
+            i.e. ``torch.channels_last_3d``, on a CPU except bf16 on an AMX CPU; ``contiguous`` on a GPU),
+            ``contiguous`` or ``channels_last``.
         projector_hidden: hidden channels of the projector (None = one 1x1x1 conv).
         teacher_view: what the teacher sees of x_mix. ``slice`` (default): whole preprocessed slices,
             as in stage one (an altered slice altered as a whole slice); cached targets of unaltered
@@ -89,6 +99,8 @@ class TrainSettings:
     targets: str = "hybrid"
     seed: int = 0
     checkpoint_every: int = 50
+    precision: str = "auto"
+    memory_format: str = "auto"
     projector_hidden: int | None = None
     dropout: bool = True
     teacher_view: str = "slice"
@@ -103,6 +115,16 @@ class TrainSettings:
         if self.crop_grid is not None and self.crop_grid not in CROP_GRIDS:
             raise SettingsError(f"unknown crop grid {self.crop_grid!r} (--crop-grid): use one of "
                                 f"{', '.join(CROP_GRIDS)}")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise SettingsError(f"unknown memory format {self.memory_format!r}: use one of "
+                                f"{', '.join(MEMORY_FORMATS)}")
+
+    @property
+    def batch(self) -> int:
+        """Crops per student forward: labeled + unlabeled."""
+        return self.n_labeled + self.n_unlabeled
 
     @property
     def effective_crop_grid(self) -> str:
@@ -111,14 +133,20 @@ class TrainSettings:
             return self.crop_grid
         return "voxel" if self.teacher_view == "slice" else "token"
 
-    def resolved(self) -> TrainSettings:
-        """A copy with the run folder and the crop grid filled in (what the run's settings.json records)."""
-        out = self.out
-        if out is None:
+    def resolved(self, device: torch.device | None = None) -> TrainSettings:
+        """A copy with the run folder and the crop grid filled in and, given the ``device`` it trains on,
+        ``precision`` and ``memory_format`` resolved (what ``settings.json`` records; a resumed run keeps
+        them)."""
+        changes: dict = {"crop_grid": self.effective_crop_grid}
+        if self.out is None:
             name = str(self.cache).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip").removesuffix(".zarr")
             mode = "labeled-only" if self.labeled_only else self.targets
-            out = Path("runs") / f"{name}-{mode}-seed{self.seed}"
-        return replace(self, out=out, crop_grid=self.effective_crop_grid)
+            changes["out"] = Path("runs") / f"{name}-{mode}-seed{self.seed}"
+        if device is not None:
+            precision = resolve_precision(self.precision, device, self.width, self.crop, self.batch)
+            changes.update(precision=precision,
+                           memory_format=resolve_memory_format(self.memory_format, device, precision))
+        return replace(self, **changes)
 
 
 def preset(name: str, cache: Path | str) -> TrainSettings:
@@ -126,6 +154,8 @@ def preset(name: str, cache: Path | str) -> TrainSettings:
     no dropout, 30 epochs of 8 iterations: 1.5-3 minutes on 2 CPU cores, for demos; not for accuracy)."""
     if name == "paper":
         return TrainSettings(cache=cache)
+    if name == "cpu":
+        return TrainSettings(cache=cache, width=8, crop=(48, 64, 64), epochs=50, checkpoint_every=40, dropout=False)
     if name == "cpu-small":
         return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=30, checkpoint_every=40, dropout=False)
     raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")

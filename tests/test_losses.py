@@ -256,3 +256,26 @@ def test_pseudo_labels_threshold():
     assert pseudo_labels(logits, 0.0)[1].all()
     assert pseudo_labels(logits, 0.5)[1].flatten().tolist() == [True, True]  # >= τ counts as confident
     assert not labels.requires_grad and not conf.requires_grad
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("include_background", [False, True])
+def test_dice_ce_equals_monai_value_and_gradient(weighted, include_background):
+    from monai.losses import DiceCELoss, MaskedDiceLoss
+
+    logits, target, mask = _example(4, shape=(2, 5, 4, 6, 7))
+    weight = (mask.float() * torch.rand(mask.shape, generator=torch.Generator().manual_seed(5))) if weighted else None
+    dice = dict(include_background=include_background, softmax=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)
+    a = logits.clone().requires_grad_(True)
+    loss = SegLoss(include_background=include_background)(a, target, weight_mask=weight)
+    b = logits.clone().requires_grad_(True)
+    if weight is None:
+        ref = DiceCELoss(to_onehot_y=True, **dice)(b, target.unsqueeze(1))
+    else:
+        one_hot = torch.nn.functional.one_hot(target, 5).movedim(-1, 1).float()
+        ce = (weight * torch.nn.functional.cross_entropy(b, target, reduction="none")).sum() / weight.sum()
+        ref = ce + MaskedDiceLoss(**dice)(b, one_hot, mask=weight.unsqueeze(1))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8)
