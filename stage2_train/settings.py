@@ -149,6 +149,16 @@ class TrainSettings:
         return replace(self, **changes)
 
 
+def with_saved_defaults(data: object) -> object:
+    """A saved ``settings.json`` object with the fields that runs saved before them did not record:
+    those runs trained with bf16 autocast on a GPU, float32 on a CPU and contiguous tensors, so they
+    resume and evaluate as they trained (the dataclass defaults, ``auto``, could choose otherwise)."""
+    if not isinstance(data, dict):
+        return data
+    return {"precision": "bfloat16" if torch.cuda.is_available() else "float32", "memory_format": "contiguous",
+            **data}
+
+
 def preset(name: str, cache: Path | str) -> TrainSettings:
     """The named preset: ``paper`` (the paper's settings) or ``cpu-small`` (width 4, 32x64x64 crops,
     no dropout, 30 epochs of 8 iterations: 1.5-3 minutes on 2 CPU cores, for demos; not for accuracy)."""

@@ -18,7 +18,7 @@ from stage2_train.distributed import Distributed, checkpoint_payload, from_envir
 from stage2_train.run_folder import RunFolder, store_identity
 from stage2_train.run_schema import dataclass_from_json, state_dict_mismatch
 from stage2_train.sampling import VolumeCache, center_crop
-from stage2_train.settings import TrainSettings
+from stage2_train.settings import TrainSettings, with_saved_defaults
 from stage2_train.targets import TargetPolicy, make_policy
 from stage2_train.trainer import DinoMixIteration, TrainState
 
@@ -360,4 +360,4 @@ def settings_from_json(data: dict, where: str = "settings.json") -> TrainSetting
     Raises:
         UserError: an unknown key, a wrong type or a value out of bounds (naming ``where``).
     """
-    return dataclass_from_json(TrainSettings, json.dumps(data), where)
+    return dataclass_from_json(TrainSettings, json.dumps(with_saved_defaults(data)), where)
