@@ -212,6 +212,7 @@ class FeatureStore:
         # Opening a node re-reads its metadata (about 2 ms locally, a round trip remotely); complete
         # cases never change, so the training hot path keeps their handles, and the sub-groups'.
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._zero_fill_checked: set[tuple[str, str]] = set()
         self._groups: dict[str, zarr.Group] = {}
 
     # ----------------------------------------------------------------------------- opening
@@ -519,8 +520,27 @@ class FeatureStore:
             UserError: the case is incomplete, or a chunk read is damaged or missing (naming the
                 case and ``dinomix-cache verify``).
         """
-        return checked_read(self.location, case_id, "features", self._complete_array(case_id, "features"),
-                            slice(start, stop), self._attrs.num_classes)
+        array = self._complete_array(case_id, "features")
+        self._check_zero_fill(case_id, "features", array)
+        return checked_read(self.location, case_id, "features", array, slice(start, stop), self._attrs.num_classes)
+
+    def _check_zero_fill(self, case_id: str, name: str, array: zarr.Array) -> None:
+        """Stores written before fill values that cannot be data read a deleted chunk as zeros: in a
+        local folder, count the chunks of such an array once, the first time it is read.
+
+        Raises:
+            UserError: chunks are missing (naming the case and ``dinomix-cache verify``).
+        """
+        key = (case_id, name)
+        if self.kind != "folder" or key in self._zero_fill_checked:
+            return
+        fill = np.asarray(array.fill_value)
+        if fill.dtype.kind == "f" and not np.isnan(fill).any() and array.nchunks_initialized < array.nchunks:
+            raise UserError(f"{self.location}: case {case_id} {name} lacks "
+                            f"{array.nchunks - array.nchunks_initialized} of {array.nchunks} chunks (deleted or never "
+                            f"written; this store reads them as zeros); run `dinomix-cache verify {self.location}` to "
+                            "list the damage, then re-extract the store")
+        self._zero_fill_checked.add(key)
 
     def feature_shape(self, case_id: str) -> tuple[int, ...]:
         return tuple(self._complete_array(case_id, "features").shape)

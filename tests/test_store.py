@@ -186,3 +186,26 @@ def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
     (tmp_path / "s.zarr" / "volumes" / "0001" / "label" / "c" / "2" / "0" / "0").unlink()
     with pytest.raises(UserError, match="case 0001 label holds the fill value"):
         reopened.read_volume("0001", "label")
+
+
+def test_a_zero_fill_store_with_deleted_chunks_is_refused_on_read(phantom_dir, tmp_path):
+    # Stores written before NaN fill values read a deleted chunk as zeros: their chunks are counted.
+    import shutil
+
+    from conftest import tiny_settings
+
+    from stage1_extract.runner import run_extraction
+
+    out = tmp_path / "s.zarr"
+    run_extraction(tiny_settings(phantom_dir, out, cases=("0001",)))
+    meta_file = out / "features" / "0001" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["fill_value"] = 0.0
+    meta_file.write_text(json.dumps(meta))
+    root = json.loads((out / "zarr.json").read_text())
+    root.pop("consolidated_metadata", None)
+    (out / "zarr.json").write_text(json.dumps(root))
+    assert FeatureStore.open(out).read_features("0001").shape[0] == 16  # intact: read as before
+    shutil.rmtree(out / "features" / "0001" / "c" / "1")
+    with pytest.raises(UserError, match="case 0001 features lacks .* verify"):
+        FeatureStore.open(out).read_features("0001")
