@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 import dinomix_cache
-from dinomix_cache.datasets import CaseSource, DatasetSpec, discover_dataset
+from dinomix_cache.data.datasets import CaseSource, DatasetSpec, discover_dataset
+from dinomix_cache.data.preprocess import PreprocessedCase, load_case
 from dinomix_cache.errors import UserError
-from dinomix_cache.lock import StoreLock
-from dinomix_cache.phantom import generate_phantom
-from dinomix_cache.preprocess import PreprocessedCase, load_case
-from dinomix_cache.store import FeatureStore, is_store, remove_store, settings_to_json
-from dinomix_cache.teacher import Teacher, load_teacher
+from dinomix_cache.phantom.generate import generate_phantom
+from dinomix_cache.store.feature_store import FeatureStore, is_store, remove_store, settings_to_json
+from dinomix_cache.store.lock import StoreLock
+from dinomix_cache.teacher.model import Teacher, load_teacher
 from stage1_extract.progress import ExtractionProgress
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward

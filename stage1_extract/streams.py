@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from dinomix_cache.teacher import Teacher
+from dinomix_cache.teacher.model import Teacher
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -9,8 +9,8 @@ A training crop of that in-plane size at a token-aligned offset then reads its t
 store exactly as the teacher would compute them on the crop.
 
 Each window goes through the very path a recompute in stage two takes: cut from the preprocessed
-slice, resized by the store's ``input size / slice size`` (:func:`~dinomix_cache.teacher.scaled_input_size`)
-and passed to :meth:`~dinomix_cache.teacher.Teacher.forward_slices`.
+slice, resized by the store's ``input size / slice size`` (:func:`~dinomix_cache.teacher.model.scaled_input_size`)
+and passed to :meth:`~dinomix_cache.teacher.model.Teacher.forward_slices`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dinomix_cache.errors import UserError
-from dinomix_cache.teacher import Teacher, scaled_input_size
+from dinomix_cache.teacher.model import Teacher, scaled_input_size
 
 __all__ = ["WindowGeometry", "slice_forward", "window_geometry", "window_tokens"]
 

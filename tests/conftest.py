@@ -11,10 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from dinomix_cache.phantom import PhantomSettings, generate_phantom  # noqa: E402
-from dinomix_cache.preprocess import PreprocessSettings  # noqa: E402
-from dinomix_cache.store import StoreSettings  # noqa: E402
-from dinomix_cache.teacher import TeacherSettings  # noqa: E402
+from dinomix_cache.data.preprocess import PreprocessSettings  # noqa: E402
+from dinomix_cache.phantom.generate import PhantomSettings, generate_phantom  # noqa: E402
+from dinomix_cache.store.feature_store import StoreSettings  # noqa: E402
+from dinomix_cache.teacher.model import TeacherSettings  # noqa: E402
 from stage1_extract.settings import ExtractSettings  # noqa: E402
 
 # Six small phantom cases (ids 0001-0006, so roles come from a seeded split): one labeled,
@@ -61,8 +61,8 @@ def good_store(phantom_dir, tmp_path_factory) -> Path:
 def good_run(good_store, tmp_path_factory) -> Path:
     """A run folder trained one step from ``good_store`` (settings.json, store.json, latest.pt, best.pt);
     never changed: copy it to damage it."""
-    from stage2_train.settings import TrainSettings
-    from stage2_train.train import train
+    from stage2_train.train.loop import train
+    from stage2_train.train.settings import TrainSettings
 
     settings = TrainSettings(cache=good_store, out=tmp_path_factory.mktemp("good-run") / "run", width=2,
                              crop=(16, 32, 32), epochs=1, checkpoint_every=1, targets="cache", dropout=False)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from dinomix_cache.cli import app
+from dinomix_cache.cli.app import app
 
 runner = CliRunner()
 # The CLI options of a tiny, fast training run on the conftest store (16 x 32 x 32 volumes).

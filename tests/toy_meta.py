@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dinomix_cache.store import StoreSettings, settings_to_json
+from dinomix_cache.store.feature_store import StoreSettings, settings_to_json
 
 SHA = "0" * 64
 

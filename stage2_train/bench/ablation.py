@@ -1,0 +1,233 @@
+"""``dinomix-cache bench ablation``: the rows of the paper's Table 3, over seeds, trained and evaluated.
+
+Each row is a set of training switches on top of one preset (``cpu`` by default, the CPU demo's
+settings), trained once per seed at the same number of steps, then evaluated on the test split
+(sliding window, the peers' metrics): per class Dice mean ± std over the seeds, as ``evaluate --run A
+--run B --run C`` prints.
+
+=================  ===========================================  =====================================
+row                switches                                     what it adds
+=================  ===========================================  =====================================
+``labeled-only``   ``--labeled-only``                           supervised baseline, same steps
+``consistency``    ``--no-fkd --no-pic --no-aux``               EMA pseudo-labels on a strong view
+``pic``            ``--no-fkd --no-aux``                        + Progressive Imbalance-aware CutMix
+``pic-fkd``        ``--no-aux``                                 + foundation-feature distillation
+``dino-mix``       (none)                                       + auxiliary balanced head: all parts
+=================  ===========================================  =====================================
+
+Layout of the output folder (default ``runs/ablation``)::
+
+    runs/ablation/
+      ROW-seedSEED/            one run folder per row and seed (settings.json, log.jsonl, best.pt, ...)
+      ROW-seedSEED/done.json   written when that run has finished: its wall time
+      evaluation-ROW/          evaluate's folder for the row's seeds (results.md, results.json, ...)
+      ablation.md              the table: one line per row, mean ± std over seeds
+      ablation.json            the same, with per-run numbers and times
+
+An interrupted benchmark is rerun with the same command: finished runs are kept, an unfinished run is
+resumed from its ``latest`` checkpoint (bit for bit as if it had not stopped), the rest are trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from dinomix_cache.atomic import write_atomic
+from dinomix_cache.errors import UserError
+from stage2_train.evaluate.evaluation import EvaluateSettings, evaluate
+from stage2_train.train.loop import train
+from stage2_train.train.run_folder import RunFolder
+from stage2_train.train.settings import TrainSettings, preset
+
+__all__ = ["ROWS", "SEEDS", "AblationSettings", "ablation_markdown", "row_settings", "run_ablation"]
+
+log = logging.getLogger("dinomix_cache.ablation")
+
+# Row name → (label in the table, TrainSettings changes). PIC off is applied in row_settings.
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "labeled-only": ("labeled only", {"labeled_only": True}),
+    "consistency": ("consistency only", {"fkd": False, "pic": False, "aux": False}),
+    "pic": ("+ PIC", {"fkd": False, "aux": False}),
+    "pic-fkd": ("+ PIC + FKD", {"aux": False}),
+    "dino-mix": ("+ PIC + FKD + aux (DINO-Mix)", {}),
+}
+SEEDS = (0, 1, 666)  # the seeds DHC reports
+
+
+@dataclass(frozen=True)
+class AblationSettings:
+    """What ``bench ablation`` trains and evaluates.
+
+    Attributes:
+        cache: the feature store (the CPU-sized phantom store, ``storage/phantom-cpu.zarr``, by default).
+        out: the benchmark folder.
+        preset: the training preset every row starts from (``cpu``: the demo's settings).
+        rows: the rows to run, names of :data:`ROWS`, in table order.
+        seeds: one run per seed and row.
+        epochs: E_max of every run (None: the preset's), the one fixed budget of the benchmark.
+        width, crop: the VNet width and training crop (None: the preset's).
+        targets: distillation targets of the rows with FKD (``hybrid``, ``cache`` or ``online``).
+        max_steps: stop every run after this many steps (tests and smoke runs only: the schedule
+            still spans ``epochs``).
+        split: evaluated split (``test``).
+        figures: draw each row's ``dice.png`` and ``qualitative.png``.
+        progress: progress bars while training.
+    """
+
+    cache: Path | str
+    out: Path = Path("runs/ablation")
+    preset: str = "cpu"
+    rows: tuple[str, ...] = tuple(ROWS)
+    seeds: tuple[int, ...] = SEEDS
+    epochs: int | None = None
+    width: int | None = None
+    crop: tuple[int, int, int] | None = None
+    targets: str = "hybrid"
+    max_steps: int | None = None
+    split: str = "test"
+    figures: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.rows if r not in ROWS]
+        if unknown or not self.rows:
+            raise UserError(f"unknown ablation row(s) {' '.join(unknown) or '(none given)'}: choose from "
+                            f"{', '.join(ROWS)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds {self.seeds}: give one or more distinct seeds")
+
+
+def row_settings(settings: AblationSettings, row: str, seed: int) -> TrainSettings:
+    """The TrainSettings of one row and seed (run folder ``OUT/ROW-seedSEED``)."""
+    try:
+        base = preset(settings.preset, settings.cache)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    changes = dict(ROWS[row][1])
+    pic = replace(base.pic, enabled=changes.pop("pic", True))
+    extra = {k: v for k, v in (("epochs", settings.epochs), ("width", settings.width), ("crop", settings.crop))
+             if v is not None}
+    return replace(base, out=Path(settings.out) / f"{row}-seed{seed}", seed=seed, targets=settings.targets, pic=pic,
+                   **changes, **extra)
+
+
+def _train_one(train_settings: TrainSettings, max_steps: int | None, progress: bool) -> float:
+    """Train, resume or skip one run; its training wall time in seconds, summed over interruptions."""
+    run = Path(train_settings.out)  # type: ignore[arg-type]
+    done, partial = run / "done.json", run / "partial.json"
+    if done.exists():
+        return float(json.loads(done.read_text())["train_s"])
+    earlier = float(json.loads(partial.read_text())["train_s"]) if partial.exists() else 0.0
+    start = time.perf_counter()
+    try:
+        if (run / "latest.pt").exists():
+            log.info("%s: resuming from its latest checkpoint", run)
+            train(None, resume=run, max_steps=max_steps, progress=progress)
+        else:
+            if run.exists():  # started, but no checkpoint yet: nothing worth keeping
+                shutil.rmtree(run)
+            log.info("%s: training", run)
+            train(train_settings, max_steps=max_steps, progress=progress)
+    except BaseException:
+        if run.exists():
+            write_atomic(partial, json.dumps({"train_s": round(earlier + time.perf_counter() - start, 1)}))
+        raise
+    seconds = earlier + time.perf_counter() - start
+    write_atomic(done, json.dumps({"train_s": round(seconds, 1)}))
+    partial.unlink(missing_ok=True)
+    return seconds
+
+
+def run_ablation(settings: AblationSettings) -> dict[str, Any]:
+    """Train every row × seed (skipping finished runs), evaluate each row over its seeds, write
+    ``ablation.md`` and ``ablation.json``; return the latter's content.
+
+    Raises:
+        UserError: an unknown row or preset, a bad store (see ``train``), a run folder of another
+            benchmark (its settings differ from this command's).
+    """
+    out = Path(settings.out)
+    runs: dict[str, list[Path]] = {}
+    train_s: dict[str, list[float]] = {}
+    for row in settings.rows:
+        for seed in settings.seeds:
+            wanted = row_settings(settings, row, seed)
+            _check_same_run(wanted)
+            runs.setdefault(row, []).append(Path(wanted.out))  # type: ignore[arg-type]
+            train_s.setdefault(row, []).append(_train_one(wanted, settings.max_steps, settings.progress))
+    table: list[dict[str, Any]] = []
+    for row in settings.rows:
+        start = time.perf_counter()
+        result = evaluate(EvaluateSettings(runs=tuple(runs[row]), split=settings.split, out=out / f"evaluation-{row}",
+                                           mm=False, figures=settings.figures))
+        table.append(_row_summary(row, result, train_s[row], time.perf_counter() - start))
+    summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+               "class_labels": result["class_labels"], "rows": table,
+               "train_s": round(sum(sum(v) for v in train_s.values()), 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "ablation.json", json.dumps(summary, indent=1))
+    write_atomic(out / "ablation.md", ablation_markdown(summary))
+    return summary
+
+
+def _check_same_run(wanted: TrainSettings) -> None:
+    """A run folder left by an earlier command must hold this row's settings (else say so, not mix them)."""
+    from stage2_train.train.loop import settings_from_json, settings_to_json
+
+    path = Path(wanted.out)  # type: ignore[arg-type]
+    if not (path / "settings.json").exists():
+        return
+    saved = settings_to_json(settings_from_json(RunFolder(path).settings()))
+    mine = settings_to_json(wanted.resolved())  # the crop grid as a run resolves and saves it
+    # precision and memory format are saved resolved; the store's identity is checked by the resume itself
+    differ = [k for k, v in mine.items() if k not in ("precision", "memory_format", "cache", "out")
+              and saved.get(k) != v]
+    if differ:
+        raise UserError(f"{path} holds a run with other settings ({', '.join(differ)}); use another --out or "
+                        "remove it")
+
+
+def _row_summary(row: str, result: dict[str, Any], train_s: list[float], eval_s: float) -> dict[str, Any]:
+    runs = result["runs"]
+    if result["over_runs"] is not None:
+        over = result["over_runs"]
+        dice, asd = over["mean_dice"], over["mean_asd"]
+        per_class = [list(pair) for pair in zip(over["dice_mean"], over["dice_std"], strict=True)]
+    else:  # one seed: no spread
+        s = runs[0]["summary"]
+        dice, asd = (s["mean_dice"], 0.0), (s["mean_asd"], 0.0)
+        per_class = [[v, 0.0] for v in s["dice"]]
+    return {"row": row, "label": ROWS[row][0], "runs": [r["run"] for r in runs],
+            "steps": [r["step"] for r in runs], "mean_dice": list(dice), "mean_asd": list(asd),
+            "dice": per_class, "per_run_mean_dice": [r["summary"]["mean_dice"] for r in runs],
+            "train_s": [round(t, 1) for t in train_s], "eval_s": round(eval_s, 1)}
+
+
+def ablation_markdown(summary: dict[str, Any]) -> str:
+    """The benchmark table: one line per row, Avg. Dice / Avg. ASD / per-class Dice as mean ± std."""
+
+    def f(v: float | None, d: int = 1) -> str:
+        return "n/a" if v is None or v != v else f"{v:.{d}f}"
+
+    s = summary["settings"]
+    labels = summary["class_labels"]
+    n = len(s["seeds"])
+    lines = [f"# Ablation ({', '.join(map(str, s['seeds']))}: mean ± std over {n} seed(s))", "",
+             f"Store `{s['cache']}`, preset `{s['preset']}`"
+             + (f", {s['epochs']} epochs" if s["epochs"] else "") + f", targets `{s['targets']}`; {s['split']} split, "
+             "sliding window, Dice in %, ASD in voxels (DHC's absent-class rules).", "",
+             "| Row | Avg. Dice | Avg. ASD | " + " | ".join(labels) + " |", "|" + " --- |" * (3 + len(labels))]
+    for r in summary["rows"]:
+        (md, sd), (ma, sa) = r["mean_dice"], r["mean_asd"]
+        lines.append(f"| {r['label']} | {f(md, 2)} ± {f(sd)} | {f(ma, 2)} ± {f(sa)} | "
+                     + " | ".join(f"{f(m)} ± {f(d)}" for m, d in r["dice"]) + " |")
+    total = summary["train_s"]
+    lines += ["", f"Training wall time {total / 60:.1f} min in all ("
+              + ", ".join(f"{r['row']} {sum(r['train_s']) / 60:.1f}" for r in summary["rows"]) + ")."]
+    return "\n".join(lines) + "\n"

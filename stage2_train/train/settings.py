@@ -1,0 +1,171 @@
+"""Settings of stage two (``dinomix-cache train``): one dataclass, saved resolved with every run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from dinomix_cache.errors import UserError
+from dinomix_cache.store.locations import as_location
+from stage2_train.method.networks import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
+from stage2_train.method.pic import PicSettings
+from stage2_train.targets.views import TEACHER_VIEWS
+
+PRESETS = ("paper", "cpu", "cpu-small")
+CROP_GRIDS = ("token", "voxel")
+
+
+class SettingsError(UserError, ValueError):
+    """Training settings that cannot work (a ValueError; the CLI prints it as one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run depends on. Defaults are the paper's (``--preset paper``).
+
+    Attributes:
+        cache: the feature store: a ``.zarr`` folder, a ``.zip`` made by ``pack``, or an fsspec URL
+            (``https://``, ``s3://``, ...), normalised by :func:`~dinomix_cache.store.feature_store.as_location`:
+            a :class:`Path` for local stores, a ``str`` for URLs (``Path()`` would turn ``//`` into ``/``).
+        data: the dataset folder, only for a store made with ``--no-volumes`` (its cases are then
+            preprocessed from the source files, which must be the recorded ones).
+        out: the run folder (default ``runs/<store name>-<targets>-seed<seed>``).
+        width: VNet base width (32 in the paper; 4-8 for CPU demos).
+        crop: (D, H, W) training crop in voxels, each a multiple of 16.
+        n_labeled, n_unlabeled: crops per iteration (2 + 2).
+        epochs: E_max; an epoch is one pass over the unlabeled cases.
+        lr, momentum, weight_decay, nesterov, poly_power: SGD with poly decay (1 - E/E_max)^0.9.
+        ema_decay: EMA teacher decay.
+        lambda_unsup: weight of the unsupervised terms.
+        tau: pseudo-label confidence threshold (0 = every voxel).
+        gamma_range: strong view's random gamma range.
+        flip: random flips of the weak view (every flipped crop forces a teacher recompute).
+        pic: Progressive Imbalance-aware CutMix settings (``pic.enabled`` False = no PIC).
+        fkd: foundation-feature distillation on x_mix.
+        aux: auxiliary balanced head losses.
+        aux_mode: ``exclude`` (true masking) or ``skcdf`` (SKCDF's multiply behaviour).
+        labeled_only: supervised baseline on the labeled crops only.
+        targets: ``online``, ``cache`` or ``hybrid`` distillation targets.
+        seed: seeds every random draw.
+        checkpoint_every: iterations between atomic ``latest`` checkpoints.
+        precision: of the student's and EMA teacher's forwards: ``auto`` (resolved when the run starts and
+            saved resolved: ``bfloat16`` autocast on a GPU, and on a CPU with native bf16, AVX512-BF16 or AMX,
+            whose bf16 convolutions pass a check against float32 at this width, crop and batch;
+            ``float32`` elsewhere), ``float32`` or ``bfloat16``. Losses are float32 either way.
+        memory_format: of the networks and their inputs: ``auto`` (resolved at start: ``channels_last``,
+            i.e. ``torch.channels_last_3d``, on a CPU except bf16 on an AMX CPU; ``contiguous`` on a GPU),
+            ``contiguous`` or ``channels_last``.
+        projector_hidden: hidden channels of the projector (None = one 1x1x1 conv).
+        teacher_view: what the teacher sees of x_mix. ``slice`` (default): whole preprocessed slices,
+            as in stage one (an altered slice altered as a whole slice); cached targets of unaltered
+            slices are then the teacher's exactly, for any crop offset. ``crop``: the crop itself, as
+            the paper's training loop does; cached targets then need a store with crop windows of the
+            crop's in-plane size (``extract --crop-windows``).
+        crop_grid: where training crops may start in-plane. ``voxel``: any offset (DHC's RandomCrop);
+            ``token``: on the store's token grid (every 16 pixels when the teacher saw the slices at
+            their own size), where the crop view's stored windows lie. None (default) resolves to
+            ``voxel`` in the slice view, which is exact at any offset, and ``token`` in the crop view,
+            where other offsets take the nearest stored window (approximate).
+        dropout: the VNet's Dropout3d(0.5) on x5 and the last decoder feature (DHC). Off in
+            ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a batch of
+            two crops then stayed at 6 % Dice after 150 steps (22 % after 100 without it).
+    """
+
+    cache: Path | str
+    out: Path | None = None
+    data: Path | None = None
+    width: int = 32
+    crop: tuple[int, int, int] = (64, 128, 128)
+    n_labeled: int = 2
+    n_unlabeled: int = 2
+    epochs: int = 1500
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    nesterov: bool = True
+    poly_power: float = 0.9
+    ema_decay: float = 0.99
+    lambda_unsup: float = 0.5
+    tau: float = 0.95
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    flip: bool = False
+    pic: PicSettings = field(default_factory=PicSettings)
+    fkd: bool = True
+    aux: bool = True
+    aux_mode: str = "exclude"
+    labeled_only: bool = False
+    targets: str = "hybrid"
+    seed: int = 0
+    checkpoint_every: int = 50
+    precision: str = "auto"
+    memory_format: str = "auto"
+    projector_hidden: int | None = None
+    dropout: bool = True
+    teacher_view: str = "slice"
+    crop_grid: str | None = None
+
+    def __post_init__(self) -> None:
+        # Every reader of `cache` then sees one form, whether it came from the CLI (str), JSON or Path().
+        object.__setattr__(self, "cache", as_location(self.cache))
+        if self.teacher_view not in TEACHER_VIEWS:
+            raise SettingsError(f"unknown teacher view {self.teacher_view!r} (--teacher-view): use one of "
+                                f"{', '.join(TEACHER_VIEWS)}")
+        if self.crop_grid is not None and self.crop_grid not in CROP_GRIDS:
+            raise SettingsError(f"unknown crop grid {self.crop_grid!r} (--crop-grid): use one of "
+                                f"{', '.join(CROP_GRIDS)}")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise SettingsError(f"unknown memory format {self.memory_format!r}: use one of "
+                                f"{', '.join(MEMORY_FORMATS)}")
+
+    @property
+    def batch(self) -> int:
+        """Crops per student forward: labeled + unlabeled."""
+        return self.n_labeled + self.n_unlabeled
+
+    @property
+    def effective_crop_grid(self) -> str:
+        """``crop_grid``, or where it is None the view's own: ``voxel`` (slice view), ``token`` (crop view)."""
+        if self.crop_grid is not None:
+            return self.crop_grid
+        return "voxel" if self.teacher_view == "slice" else "token"
+
+    def resolved(self, device: torch.device | None = None) -> TrainSettings:
+        """A copy with the run folder and the crop grid filled in and, given the ``device`` it trains on,
+        ``precision`` and ``memory_format`` resolved (what ``settings.json`` records; a resumed run keeps
+        them)."""
+        changes: dict = {"crop_grid": self.effective_crop_grid}
+        if self.out is None:
+            name = str(self.cache).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zip").removesuffix(".zarr")
+            mode = "labeled-only" if self.labeled_only else self.targets
+            changes["out"] = Path("runs") / f"{name}-{mode}-seed{self.seed}"
+        if device is not None:
+            precision = resolve_precision(self.precision, device, self.width, self.crop, self.batch)
+            changes.update(precision=precision,
+                           memory_format=resolve_memory_format(self.memory_format, device, precision))
+        return replace(self, **changes)
+
+
+def with_saved_defaults(data: object) -> object:
+    """A saved ``settings.json`` object with the fields that runs saved before them did not record:
+    those runs trained with bf16 autocast on a GPU, float32 on a CPU and contiguous tensors, so they
+    resume and evaluate as they trained (the dataclass defaults, ``auto``, could choose otherwise)."""
+    if not isinstance(data, dict):
+        return data
+    return {"precision": "bfloat16" if torch.cuda.is_available() else "float32", "memory_format": "contiguous",
+            **data}
+
+
+def preset(name: str, cache: Path | str) -> TrainSettings:
+    """The named preset: ``paper`` (the paper's settings) or ``cpu-small`` (width 4, 32x64x64 crops,
+    no dropout, 30 epochs of 8 iterations: 1.5-3 minutes on 2 CPU cores, for demos; not for accuracy)."""
+    if name == "paper":
+        return TrainSettings(cache=cache)
+    if name == "cpu":
+        return TrainSettings(cache=cache, width=8, crop=(48, 64, 64), epochs=50, checkpoint_every=40, dropout=False)
+    if name == "cpu-small":
+        return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=30, checkpoint_every=40, dropout=False)
+    raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")

@@ -1,0 +1,80 @@
+"""bench ablation: the five rows of Table 3 over seeds, trained and evaluated end to end at a tiny size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dinomix_cache.cli.app import app
+from dinomix_cache.data.preprocess import PreprocessSettings
+from dinomix_cache.errors import UserError
+from stage1_extract.runner import run_extraction
+from stage2_train.bench.ablation import ROWS, AblationSettings, row_settings, run_ablation
+from stage2_train.train.run_folder import RunFolder
+from tests.conftest import tiny_settings
+
+SHAPE = (16, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def store(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation") / "s.zarr"
+    run_extraction(tiny_settings(phantom_dir, out, preprocess=PreprocessSettings(target_shape=SHAPE)))
+    return out
+
+
+def test_rows_are_the_papers_switches(store, tmp_path):
+    settings = AblationSettings(cache=store, out=tmp_path)
+    rows = {row: row_settings(settings, row, 1) for row in ROWS}
+    assert rows["labeled-only"].labeled_only
+    c = rows["consistency"]
+    assert not (c.fkd or c.aux or c.pic.enabled or c.labeled_only)
+    assert rows["pic"].pic.enabled and not rows["pic"].fkd and not rows["pic"].aux
+    assert rows["pic-fkd"].fkd and not rows["pic-fkd"].aux
+    full = rows["dino-mix"]
+    assert full.fkd and full.aux and full.pic.enabled and not full.labeled_only
+    assert {r.seed for r in rows.values()} == {1} and full.out == tmp_path / "dino-mix-seed1"
+    base = row_settings(settings, "dino-mix", 0)
+    assert (base.width, base.crop, base.epochs) == (8, (48, 64, 64), 50)  # the cpu preset's
+    with pytest.raises(UserError):
+        AblationSettings(cache=store, rows=("nope",))
+
+
+def test_ablation_runs_end_to_end_and_reruns_nothing(store, tmp_path):
+    settings = AblationSettings(cache=store, out=tmp_path / "bench", seeds=(0, 1), epochs=2, width=2,
+                                crop=(16, 32, 32), targets="cache", max_steps=1, figures=False)
+    summary = run_ablation(settings)
+    assert [r["row"] for r in summary["rows"]] == list(ROWS)
+    for r in summary["rows"]:
+        assert r["steps"] == [1, 1] and len(r["dice"]) == 13
+        assert len(r["mean_dice"]) == 2 and all(len(pair) == 2 for pair in r["dice"])
+        assert (tmp_path / "bench" / f"evaluation-{r['row']}" / "results.md").exists()
+    records = RunFolder(tmp_path / "bench" / "pic-seed1").records()
+    assert "unsup" in records[0] and "distill" not in records[0] and "unsup_aux" not in records[0]
+    assert "unsup" not in RunFolder(tmp_path / "bench" / "labeled-only-seed0").records()[0]
+    table = (tmp_path / "bench" / "ablation.md").read_text()
+    assert "+ PIC + FKD" in table and "±" in table
+    # A second call trains nothing: every run is finished.
+    log = (tmp_path / "bench" / "dino-mix-seed0" / "log.jsonl").read_text()
+    again = run_ablation(settings)
+    assert (tmp_path / "bench" / "dino-mix-seed0" / "log.jsonl").read_text() == log
+    assert [r["mean_dice"] for r in again["rows"]] == [r["mean_dice"] for r in summary["rows"]]
+    # A folder holding another row's settings is refused, not mixed in.
+    with pytest.raises(UserError, match="other settings"):
+        run_ablation(AblationSettings(cache=store, out=tmp_path / "bench", seeds=(0,), epochs=3, width=2,
+                                      crop=(16, 32, 32), targets="cache", max_steps=1, figures=False))
+
+
+def test_ablation_cli(store, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "ablation", "--cache", str(store), "--out", str(tmp_path / "b"),
+                                      "--row", "labeled-only", "--row", "dino-mix", "--seed", "0", "--epochs", "1",
+                                      "--width", "2", "--crop", "16x32x32", "--targets", "cache", "--max-steps", "1",
+                                      "--no-figures", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "labeled only" in result.output and "DINO-Mix" in result.output
+    summary = json.loads((tmp_path / "b" / "ablation.json").read_text())
+    assert [r["row"] for r in summary["rows"]] == ["labeled-only", "dino-mix"]
+    bad = CliRunner().invoke(app, ["bench", "ablation", "--cache", str(store), "--row", "nope"])
+    assert bad.exit_code == 2
