@@ -9,6 +9,7 @@ to call the model on a normalised ``(B, 3, H, W)`` batch. Token counts are check
 from __future__ import annotations
 
 import torch
+import transformers
 
 # model_type (as in config.json) -> family
 FAMILY_BY_MODEL_TYPE: dict[str, str] = {
@@ -73,8 +74,6 @@ DEFAULT_NORM: dict[str, tuple[tuple[float, float, float], tuple[float, float, fl
 
 def model_class(model_type: str) -> type:
     """The transformers class that loads the (vision) model for ``model_type``."""
-    import transformers
-
     return getattr(transformers, MODEL_CLASS_BY_MODEL_TYPE[model_type])
 
 

@@ -8,11 +8,8 @@ code from the source (safetensors only, no ``trust_remote_code``) and honours ``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,44 +18,12 @@ import torch.nn.functional as F
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.teacher import families as fam
+from dinomix_cache.teacher.loaded import LoadedModel
+from dinomix_cache.teacher.pretrained import DEFAULT_TEACHER, load_pretrained
+from dinomix_cache.teacher.random_init import RANDOM_PREFIX, load_random
 
-DEFAULT_TEACHER = "facebook/dinov3-vits16-pretrain-lvd1689m"
 RANDOM_LABEL = "random, not pretrained"
 PRETRAINED_LABEL = "pretrained"
-RANDOM_PREFIX = "random:"
-
-
-
-@dataclass(frozen=True)
-class RandomArchitecture:
-    """A random-init DINOv3 (``random:NAME``): sizes, layerscale and attention scaling.
-
-    ``layerscale`` 1e-5 (the real checkpoints' init value) leaves every token almost its own patch
-    embedding: blind to context and position, so any cache-fidelity figure it gives is 1.0. The
-    ``ctx-*`` variants use layerscale 1 and multiply the query/key weights by ``qk_scale`` (sharper,
-    content- and RoPE-position-dependent attention) and the value/output weights by
-    ``sqrt(vo_scale)`` (a stronger attention branch), so that, as in a trained ViT, a token depends on
-    the rest of its image (context cosine ≤ 0.9, see :mod:`stage2_train.targets.fidelity`).
-    """
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    layerscale: float = 1e-5
-    qk_scale: float = 1.0
-    vo_scale: float = 1.0
-
-
-RANDOM_ARCHITECTURES: dict[str, RandomArchitecture] = {
-    "tiny": RandomArchitecture(128, 3, 4, 512),
-    "vits16": RandomArchitecture(384, 12, 6, 1536),
-    "vitb16": RandomArchitecture(768, 12, 12, 3072),
-    "vitl16": RandomArchitecture(1024, 24, 16, 4096),
-    "ctx-tiny": RandomArchitecture(128, 3, 4, 512, layerscale=1.0, qk_scale=16.0, vo_scale=16.0),
-    "ctx-vits16": RandomArchitecture(384, 12, 6, 1536, layerscale=1.0, qk_scale=8.0, vo_scale=8.0),
-}
-RANDOM_TEACHERS = set(RANDOM_ARCHITECTURES)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -90,7 +55,6 @@ _VOLATILE_CONFIG_KEYS = {
     "use_return_dict",
     "torchscript",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
 @dataclass(frozen=True)
@@ -257,335 +221,42 @@ def scaled_input_size(image_hw: tuple[int, int], slice_hw: tuple[int, int], inpu
 
 
 def load_teacher(settings: TeacherSettings) -> Teacher:
-    """Load and freeze the teacher named by ``settings`` (raises UserError for anything the user can fix)."""
+    """Load and freeze the teacher named by ``settings``.
+
+    Raises:
+        UserError: anything the user can fix (an unknown dtype, device or random name, a bad input
+            size, weights that cannot be loaded).
+    """
     dtype = _parse_dtype(settings.dtype)
     device = _parse_device(settings.device)
     if settings.input_size is not None and len(tuple(settings.input_size)) != 2:
         raise UserError(f"teacher input size must be (H, W), got {settings.input_size!r}")
     source = settings.source.strip()
     if source.startswith(RANDOM_PREFIX):
-        teacher = _load_random(settings, source[len(RANDOM_PREFIX) :], dtype, device)
+        loaded = load_random(source[len(RANDOM_PREFIX) :], settings.revision, dtype, device)
     else:
-        teacher = _load_pretrained(settings, source, dtype, device)
+        loaded = load_pretrained(source, settings.revision, dtype, device)
+    teacher = _wrap(settings, loaded, dtype, device)
     if settings.input_size is not None:
         teacher.resolved_input_size(tuple(settings.input_size))  # fail early on a bad size
     return teacher
 
 
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def random_config(name: str):
-    """DINOv3ViTConfig for ``random:NAME`` (sizes of the real checkpoints, 4 registers; see
-    :class:`RandomArchitecture` for the layerscale of each)."""
-    from transformers import DINOv3ViTConfig
-
-    if name not in RANDOM_ARCHITECTURES:
-        raise UserError(
-            f"unknown random teacher 'random:{name}': valid names are "
-            + ", ".join(f"random:{n}" for n in RANDOM_ARCHITECTURES)
-        )
-    arch = RANDOM_ARCHITECTURES[name]
-    return DINOv3ViTConfig(
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        intermediate_size=arch.intermediate_size,
-        patch_size=16,
-        num_register_tokens=4,
-        layerscale_value=arch.layerscale,
-    )
-
-
-def _scale_attention(model: torch.nn.Module, arch: RandomArchitecture) -> None:
-    """Multiply the attention projections of a freshly initialised model (see :class:`RandomArchitecture`)."""
-    scales = {"q_proj.weight": arch.qk_scale, "k_proj.weight": arch.qk_scale,
-              "v_proj.weight": arch.vo_scale ** 0.5, "o_proj.weight": arch.vo_scale ** 0.5}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            scale = next((v for k, v in scales.items() if name.endswith(f"attention.{k}")), 1.0)
-            if scale != 1.0:
-                param.mul_(scale)
-
-
-def _load_random(settings: TeacherSettings, name: str, dtype, device) -> Teacher:
-    from transformers import DINOv3ViTModel
-
-    config = random_config(name)
-    if settings.revision is not None:
-        raise UserError(f"a teacher revision applies to Hugging Face Hub ids only, not to random:{name}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = DINOv3ViTModel(config)
-    _scale_attention(model, RANDOM_ARCHITECTURES[name])
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    model = _freeze(model.to(device=device, dtype=dtype))
-    mean, std = fam.DEFAULT_NORM["dinov3"]
+def _wrap(settings: TeacherSettings, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> Teacher:
     return Teacher(
         settings=settings,
-        model=model,
-        family="dinov3",
-        model_type=config.model_type,
-        mean=mean,
-        std=std,
-        is_random=True,
+        model=loaded.model,
+        family=loaded.family,
+        model_type=loaded.model_type,
+        mean=loaded.mean,
+        std=loaded.std,
+        is_random=loaded.is_random,
         device=device,
         dtype=dtype,
-        revision=None,
-        weight_files=None,
-        random_weights_sha256=digest.hexdigest(),
+        revision=loaded.revision,
+        weight_files=loaded.weight_files,
+        random_weights_sha256=loaded.random_weights_sha256,
     )
-
-
-def _load_pretrained(settings: TeacherSettings, source: str, dtype, device) -> Teacher:
-    path = Path(os.path.expanduser(source))
-    local = path.is_dir()
-    if not local:
-        if path.exists():
-            raise _load_error(source, f"{source} is a file, not a model directory")
-        if not _HUB_ID.match(source) or ".." in source or "--" in source:
-            raise _load_error(source, f"no such directory {source}")
-        if os.path.isabs(source):
-            raise _load_error(source, f"no such directory {source}")
-    if local:
-        if settings.revision is not None:
-            raise UserError(
-                f"a teacher revision applies to Hugging Face Hub ids only, not to the directory {source}"
-            )
-        if not (path / "config.json").is_file():
-            raise _load_error(source, f"no config.json in {path}")
-        if not _local_weight_files(path):
-            found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            extra = f" (found {', '.join(found)}; pickled weights are never loaded)" if found else ""
-            raise _load_error(source, f"no .safetensors weights in {path}{extra}")
-        repo: str = str(path)
-        revision = None
-    else:
-        repo = source
-        revision = _resolve_revision(source, settings.revision)
-
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(repo, revision=revision, trust_remote_code=False)
-    except Exception as exc:  # transformers/huggingface_hub raise OSError, ValueError, HTTP errors...
-        raise _load_error(source, _short_reason(exc, settings.revision)) from exc
-    model_type = getattr(config, "model_type", None)
-    if model_type not in fam.FAMILY_BY_MODEL_TYPE:
-        raise UserError(
-            f"teacher {source} has model_type {model_type!r}, which is not supported; supported "
-            f"model types: {', '.join(sorted(fam.FAMILY_BY_MODEL_TYPE))}"
-        )
-    family = fam.FAMILY_BY_MODEL_TYPE[model_type]
-    cls = fam.model_class(model_type)
-    try:
-        with _quiet_transformers():
-            model, info = cls.from_pretrained(
-                repo,
-                revision=revision,
-                use_safetensors=True,
-                dtype=dtype,
-                trust_remote_code=False,
-                output_loading_info=True,
-                **fam.LOAD_KWARGS.get(family, {}),
-            )
-    except Exception as exc:
-        raise _load_error(source, _short_reason(exc, settings.revision)) from exc
-    missing = [k for k in info.get("missing_keys", ()) if "mask_token" not in k]
-    if missing or info.get("mismatched_keys"):
-        bad = missing or [str(k) for k in info["mismatched_keys"]]
-        raise UserError(
-            f"teacher {source} does not hold the weights {cls.__name__} needs ({len(bad)} missing or "
-            f"mismatched, e.g. {bad[0]}); is it a {model_type} vision checkpoint?"
-        )
-    if family == "vit_mae":
-        model.config.mask_ratio = 0.0  # every patch token, none masked away (see teacher_families.run_model)
-    model = _freeze(model.to(device=device))
-
-    mean, std = _normalisation(repo, revision, local, family, source)
-    if local:
-        weight_files, commit = _local_weight_files(path), None
-    else:
-        weight_files, commit = _hub_weight_files(repo, revision)
-        if not weight_files:
-            raise _load_error(
-                source, "its safetensors files were not found in the Hugging Face cache after loading"
-            )
-    resolved = getattr(revision, "resolved", None) or commit
-    return Teacher(
-        settings=settings,
-        model=model,
-        family=family,
-        model_type=model_type,
-        mean=mean,
-        std=std,
-        is_random=False,
-        device=device,
-        dtype=dtype,
-        revision=None if local else (resolved or settings.revision),
-        weight_files=weight_files,
-        random_weights_sha256=None,
-    )
-
-
-def _freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()  # DINOv3's RoPE jitters/rescales positions in train mode
-    model.requires_grad_(False)
-    return model
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide the load report (e.g. a CLIP/SigLIP text tower's unused weights); missing keys are checked."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def _resolve_revision(repo: str, revision: str | None):
-    """Pin a hub revision to its commit (best effort; transformers' own helper, absent in older versions)."""
-    try:
-        from transformers.utils.hub import resolve_revision
-    except ImportError:
-        return revision
-    try:
-        return resolve_revision(repo, revision)
-    except Exception:
-        return revision
-
-
-def _local_weight_files(path: Path) -> list[Path]:
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise UserError(f"cannot read the safetensors index {index}: {exc}") from exc
-        return [path / n for n in names]
-    return sorted(path.glob("*.safetensors"))
-
-
-def _cached(repo: str, filename: str, revision) -> str | None:
-    from transformers.utils import cached_file
-
-    try:
-        return cached_file(
-            repo,
-            filename,
-            revision=revision,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            _raise_exceptions_for_gated_repo=False,
-        )
-    except Exception:
-        return None
-
-
-def _hub_weight_files(repo: str, revision) -> tuple[list[Path], str | None]:
-    """The safetensors file(s) from_pretrained used, through the hub cache (works offline once cached)."""
-    files: list[Path] = []
-    single = _cached(repo, "model.safetensors", revision)
-    if single:
-        files = [Path(single)]
-    else:
-        index = _cached(repo, "model.safetensors.index.json", revision)
-        if index:
-            for name in sorted(set(json.loads(Path(index).read_text())["weight_map"].values())):
-                shard = _cached(repo, name, revision)
-                if shard is None:
-                    return [], None
-                files.append(Path(shard))
-    commit = None
-    if (
-        files
-        and files[0].parent.parent.name == "snapshots"
-        and re.fullmatch(r"[0-9a-f]{40}", files[0].parent.name)
-    ):
-        commit = files[0].parent.name
-    return files, commit
-
-
-def _normalisation(repo: str, revision, local: bool, family: str, source: str):
-    """image_mean/image_std from preprocessor_config.json when the source has one, else family defaults."""
-    if local:
-        candidate = Path(repo) / "preprocessor_config.json"
-        file = str(candidate) if candidate.is_file() else None
-    else:
-        file = _cached(repo, "preprocessor_config.json", revision)
-    mean, std = fam.DEFAULT_NORM[family]
-    if file is None:
-        return mean, std
-    try:
-        pre = json.loads(Path(file).read_text())
-        if pre.get("do_normalize", True) is False:
-            return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        mean = _triple(pre.get("image_mean", mean))
-        std = _triple(pre.get("image_std", std))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise UserError(
-            f"cannot read image_mean/image_std from the preprocessor_config.json of teacher {source}: {exc}"
-        ) from exc
-    if min(std) <= 0:
-        raise UserError(f"preprocessor_config.json of teacher {source} has a non-positive image_std {std}")
-    return mean, std
-
-
-def _triple(value) -> tuple[float, float, float]:
-    if isinstance(value, int | float):
-        return (float(value),) * 3
-    values = tuple(float(v) for v in value)
-    if len(values) != 3:
-        raise ValueError(f"expected 3 values, got {len(values)}")
-    return values
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _load_error(source: str, reason: str) -> UserError:
-    hub_id = source if _HUB_ID.match(source) and not os.path.exists(source) else DEFAULT_TEACHER
-    reason = " ".join(reason.split())
-    return UserError(
-        f"The teacher weights for {source} could not be loaded ({reason}). DINOv3 weights are gated: "
-        "accept the licence on the model's Hugging Face Hub page and log in with `hf auth login`, then "
-        "download them with "
-        f"`hf download {hub_id} --local-dir DIR`; a local directory works too (`--teacher DIR`), and "
-        f"`--teacher random:vits16` gives an unpretrained stand-in."
-    )
-
-
-def _short_reason(exc: BaseException, revision: str | None) -> str:
-    chain, seen = [], set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    names = {type(e).__name__ for e in chain}
-    text = " ".join(str(e) for e in chain)
-    if "GatedRepoError" in names or "gated" in text.lower():
-        return "gated repository: access not granted, or not logged in"
-    if "RevisionNotFoundError" in names:
-        return f"revision {revision!r} not found"
-    if "RepositoryNotFoundError" in names:
-        return "repository not found, or private and not logged in"
-    if re.search(r"\b(401|403)\b", text):
-        return "access denied (HTTP 401/403): not logged in or licence not accepted"
-    if {"LocalEntryNotFoundError", "OfflineModeIsEnabled"} & names or "offline" in text.lower():
-        return "not in the local Hugging Face cache, and the Hub is unreachable or HF_HUB_OFFLINE is set"
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return first if len(first) <= 200 else first[:197] + "..."
 
 
 def _check_input_size(size: tuple, patch: int, source: str, *, from_slices: bool) -> None:

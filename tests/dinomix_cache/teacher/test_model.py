@@ -15,13 +15,8 @@ from transformers.models.siglip2.image_processing_pil_siglip2 import convert_ima
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.teacher import families as fam
-from dinomix_cache.teacher.model import (
-    RANDOM_LABEL,
-    RANDOM_TEACHERS,
-    Teacher,
-    TeacherSettings,
-    load_teacher,
-)
+from dinomix_cache.teacher.model import RANDOM_LABEL, Teacher, TeacherSettings, load_teacher
+from dinomix_cache.teacher.random_init import RANDOM_TEACHERS
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
