@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dinomix_cache.data.datasets import SplitSettings
 from dinomix_cache.data.preprocess import PreprocessSettings
+from dinomix_cache.data.roles import SplitSettings
 from dinomix_cache.errors import UserError
 from dinomix_cache.phantom.generate import PhantomSettings
 from dinomix_cache.store.feature_store import StoreSettings

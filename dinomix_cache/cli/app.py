@@ -123,8 +123,8 @@ def build_extract_settings(
     """Map CLI options onto :class:`~stage1_extract.settings.ExtractSettings`; options left None
     take the dataclasses' defaults."""
     from dinomix_cache.data.classes import SYNAPSE_CASE_IDS
-    from dinomix_cache.data.datasets import SplitSettings
     from dinomix_cache.data.preprocess import PreprocessSettings
+    from dinomix_cache.data.roles import SplitSettings
     from dinomix_cache.phantom.generate import PhantomSettings
     from dinomix_cache.store.feature_store import StoreSettings
     from dinomix_cache.teacher.model import TeacherSettings

@@ -149,7 +149,7 @@ class CaseEntry(_Section):
 
 
 class SplitAttrs(_Section):
-    """``dataset.split``: where the roles came from (provenance; see ``dinomix_cache.data.datasets``)."""
+    """``dataset.split``: where the roles came from (provenance; see ``dinomix_cache.data.roles``)."""
 
     source: Text
     labeled: Text | None = None

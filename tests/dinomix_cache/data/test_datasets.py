@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dinomix_cache.data.classes import AMOS_CLASSES, SYNAPSE_CASE_IDS, SYNAPSE_CLASSES
-from dinomix_cache.data.datasets import ROLES, SplitSettings, discover_dataset, parse_labeled, seeded_roles
+from dinomix_cache.data.datasets import discover_dataset
+from dinomix_cache.data.roles import ROLES, SplitSettings, parse_labeled, seeded_roles
 from dinomix_cache.errors import UserError
 
 # Discovery only looks at names, so empty files stand in for volumes here.

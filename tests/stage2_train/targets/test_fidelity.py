@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix_cache.data.datasets import SplitSettings, discover_dataset
+from dinomix_cache.data.datasets import discover_dataset
 from dinomix_cache.data.preprocess import PreprocessSettings, load_case
+from dinomix_cache.data.roles import SplitSettings
 from dinomix_cache.teacher.model import TeacherSettings, load_teacher
 from stage2_train.targets.fidelity import context_cosine, cosine_fidelity
 from tests.conftest import TINY_PHANTOM

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix_cache.data.datasets import SplitSettings
 from dinomix_cache.data.preprocess import PreprocessSettings
+from dinomix_cache.data.roles import SplitSettings
 from dinomix_cache.errors import UserError
 from stage1_extract.runner import run_extraction
 from stage2_train.method.iteration import DinoMixIteration, TrainState
