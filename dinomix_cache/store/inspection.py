@@ -21,8 +21,8 @@ from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
-from dinomix_cache.data.preprocess import file_sha256
 from dinomix_cache.data.roles import ROLES
+from dinomix_cache.data.volume_files import file_sha256
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
 

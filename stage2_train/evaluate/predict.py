@@ -4,7 +4,7 @@ The segmenter sees exactly what training saw: :func:`~dinomix_cache.data.preproc
 scan so the array axes (D, H, W) run along ``preprocess.orientation``, clips and normalises it to
 [0, 1] and resizes it to ``preprocess.target_shape``. Its (D, H, W) label map is then taken back to the
 file: a nearest-neighbour resize to the reoriented source shape, followed by the inverse axis
-permutation/flips (:func:`~dinomix_cache.data.preprocess.reorient_to_file`), so the written label has the
+permutation/flips (:func:`~dinomix_cache.data.orientation.reorient_to_file`), so the written label has the
 input's shape, affine and header and overlays the scan in any viewer.
 
 Which preprocessed voxel a source voxel takes
@@ -46,7 +46,8 @@ from nibabel.filebasedimages import ImageFileError
 
 from dinomix_cache.atomic import remove_stale_temporaries, write_atomic
 from dinomix_cache.data.datasets import CaseSource
-from dinomix_cache.data.preprocess import PreprocessSettings, load_case, reorient_to_array, reorient_to_file
+from dinomix_cache.data.orientation import reorient_to_array, reorient_to_file
+from dinomix_cache.data.preprocess import PreprocessSettings, load_case
 from dinomix_cache.errors import UserError, write_failed
 
 __all__ = ["Segmenter", "labels_to_source_grid", "predict_paths", "segment_file", "write_label"]

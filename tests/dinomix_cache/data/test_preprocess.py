@@ -13,13 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from dinomix_cache.data.datasets import CaseSource
-from dinomix_cache.data.preprocess import (
-    PreprocessSettings,
-    file_sha256,
-    load_case,
-    reorient_to_array,
-    reorient_to_file,
-)
+from dinomix_cache.data.orientation import reorient_to_array, reorient_to_file
+from dinomix_cache.data.preprocess import PreprocessSettings, load_case
+from dinomix_cache.data.volume_files import file_sha256
 from dinomix_cache.errors import UserError
 
 SHAPE = (20, 24, 12)  # file voxel order (i, j, k); k is the slice axis
