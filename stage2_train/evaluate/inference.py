@@ -24,7 +24,8 @@ from monai.inferers import sliding_window_inference
 
 from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
-from stage2_train.method.networks import DinoMixStudent, bf16_native, student_autocast
+from stage2_train.method.networks import DinoMixStudent
+from stage2_train.train.precision import bf16_native, student_autocast
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.run_schema import state_dict_mismatch
 from stage2_train.train.settings import TrainSettings
@@ -182,7 +183,7 @@ def sliding_window_probabilities(
         sw_batch_size: windows per forward pass.
         device: where the network runs; the (C, D, H, W) float32 sum is kept there too.
         precision: of the network's forwards: ``float32``, ``bfloat16`` or ``auto`` (bf16 where the
-            device has native bf16; see :func:`~stage2_train.method.networks.resolve_precision`).
+            device has native bf16; see :func:`~stage2_train.train.precision.resolve_precision`).
 
     Returns:
         (C, D, H, W) float32 class probabilities on ``device``.

@@ -22,6 +22,7 @@ import torch
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
+from stage2_train.method.ema import EmaTeacher
 from stage2_train.method.losses import (
     MaskedSegLoss,
     SegLoss,
@@ -31,20 +32,13 @@ from stage2_train.method.losses import (
     pseudo_labels,
     unlabeled_aux_mask,
 )
-from stage2_train.method.networks import (
-    DinoMixStudent,
-    EmaTeacher,
-    StudentOutput,
-    resolve_memory_format,
-    resolve_precision,
-    student_autocast,
-    torch_memory_format,
-)
+from stage2_train.method.networks import DinoMixStudent, StudentOutput
 from stage2_train.method.pic import pic_batch
 from stage2_train.sampling.crops import Crop, IterationSampler, VolumeCache, random_crop, random_gamma
 from stage2_train.targets.geometry import token_pixels
 from stage2_train.targets.policies import MixedCrop, TargetPolicy
 from stage2_train.train.distributed import Distributed, rank_share
+from stage2_train.train.precision import resolve_memory_format, resolve_precision, student_autocast, torch_memory_format
 from stage2_train.train.settings import TrainSettings
 
 

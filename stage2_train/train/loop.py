@@ -17,6 +17,7 @@ from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
 from stage2_train.method.iteration import DinoMixIteration, TrainState
 from stage2_train.sampling.crops import VolumeCache, center_crop
 from stage2_train.targets.policies import TargetPolicy, make_policy
+from stage2_train.train import precision  # the module: tests replace its CPU probes
 from stage2_train.train.distributed import Distributed, checkpoint_payload, from_environment, restore_state
 from stage2_train.train.run_folder import RunFolder, store_identity
 from stage2_train.train.run_schema import dataclass_from_json, state_dict_mismatch
@@ -294,11 +295,9 @@ def check_precision(settings: TrainSettings, device: torch.device, is_main: bool
     Raises:
         UserError: ``--precision bfloat16`` with convolutions that fail the check.
     """
-    from stage2_train.method.networks import cpu_bf16_native, cpu_bf16_problem
-
-    if device.type != "cpu" or not cpu_bf16_native():
+    if device.type != "cpu" or not precision.cpu_bf16_native():
         return
-    problem = cpu_bf16_problem(settings.width, settings.crop, settings.batch)
+    problem = precision.cpu_bf16_problem(settings.width, settings.crop, settings.batch)
     if problem is None:
         return
     if settings.precision == "bfloat16":
@@ -313,11 +312,9 @@ def device_description(device: torch.device) -> str:
     """``cpu (native bf16: AVX512-BF16)``, ``cpu (no native bf16)``, ``cuda:0``: for the run's first log line."""
     if device.type != "cpu":
         return str(device)
-    from stage2_train.method.networks import cpu_amx, cpu_bf16_native
-
-    if not cpu_bf16_native():
+    if not precision.cpu_bf16_native():
         return "cpu (no native bf16)"
-    return f"cpu (native bf16: {'AMX' if cpu_amx() else 'AVX512-BF16'})"
+    return f"cpu (native bf16: {'AMX' if precision.cpu_amx() else 'AVX512-BF16'})"
 
 
 def save_checkpoint(context: Distributed, folder: RunFolder, name: str, iteration: DinoMixIteration,

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, c
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.schema import MAX_HIDDEN, MAX_SIDE, StoreAttrs, check_store_attrs, validation_message
-from stage2_train.method.networks import MEMORY_FORMATS, PRECISIONS
 from stage2_train.targets.views import TEACHER_VIEWS
+from stage2_train.train.precision import MEMORY_FORMATS, PRECISIONS
 from stage2_train.train.settings import CROP_GRIDS
 
 __all__ = ["BOUNDS", "CHOICES", "check_checkpoint", "check_identity", "dataclass_from_json", "state_dict_mismatch"]

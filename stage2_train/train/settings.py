@@ -9,9 +9,9 @@ import torch
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.locations import as_location
-from stage2_train.method.networks import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
 from stage2_train.method.pic import PicSettings
 from stage2_train.targets.views import TEACHER_VIEWS
+from stage2_train.train.precision import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
 
 PRESETS = ("paper", "cpu", "cpu-small")
 CROP_GRIDS = ("token", "voxel")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from stage2_train.method.ema import EmaTeacher
 from stage2_train.method.networks import (
     DinoMixStudent,
-    EmaTeacher,
     Projector,
     StudentOutput,
     VNet,

@@ -12,15 +12,15 @@ from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
 from stage1_extract.runner import run_extraction
 from stage2_train.evaluate.inference import inference_precision
-from stage2_train.method import networks
-from stage2_train.method.networks import (
+from stage2_train.train import precision
+from stage2_train.train.loop import settings_from_json, settings_to_json, train
+from stage2_train.train.precision import (
     cpu_bf16_native,
     cpu_bf16_problem,
     resolve_memory_format,
     resolve_precision,
     student_autocast,
 )
-from stage2_train.train.loop import settings_from_json, settings_to_json, train
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.settings import PRESETS, TrainSettings, preset
 from tests.conftest import tiny_settings
@@ -32,23 +32,23 @@ def test_explicit_precisions_are_kept_and_auto_follows_the_hardware(monkeypatch)
     assert resolve_precision("float32", CUDA) == "float32"
     assert resolve_precision("bfloat16", CPU) == "bfloat16"
     assert resolve_precision("auto", CUDA) == "bfloat16"  # as before: bf16 autocast on every GPU
-    monkeypatch.setattr(networks, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
     assert resolve_precision("auto", CPU, 2, (16, 32, 32), 4) == "float32"
-    monkeypatch.setattr(networks, "cpu_bf16_native", lambda: True)
-    monkeypatch.setattr(networks, "cpu_bf16_problem", lambda *a: None)
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda *a: None)
     assert resolve_precision("auto", CPU, 2, (16, 32, 32), 4) == "bfloat16"
-    monkeypatch.setattr(networks, "cpu_bf16_problem", lambda *a: "Conv3d 32->32 off by 1")
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda *a: "Conv3d 32->32 off by 1")
     assert resolve_precision("auto", CPU, 2, (16, 32, 32), 4) == "float32"
     with pytest.raises(ValueError):
         resolve_precision("float16", CPU)
 
 
 def test_memory_format_rule(monkeypatch):
-    monkeypatch.setattr(networks, "cpu_amx", lambda: False)
+    monkeypatch.setattr(precision, "cpu_amx", lambda: False)
     assert resolve_memory_format("auto", CPU, "float32") == "channels_last"
     assert resolve_memory_format("auto", CPU, "bfloat16") == "channels_last"
     assert resolve_memory_format("auto", CUDA, "bfloat16") == "contiguous"
-    monkeypatch.setattr(networks, "cpu_amx", lambda: True)
+    monkeypatch.setattr(precision, "cpu_amx", lambda: True)
     assert resolve_memory_format("auto", CPU, "bfloat16") == "contiguous"
     assert resolve_memory_format("auto", CPU, "float32") == "channels_last"
     assert resolve_memory_format("channels_last", CUDA, "float32") == "channels_last"
@@ -59,7 +59,7 @@ def test_memory_format_rule(monkeypatch):
 def test_autocast_and_inference_precision(monkeypatch):
     assert student_autocast(CPU, "bfloat16").fast_dtype == torch.bfloat16
     assert student_autocast(CPU, "bfloat16")._enabled and not student_autocast(CPU, "float32")._enabled
-    monkeypatch.setattr(networks, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
     assert inference_precision("bfloat16", CPU) == "float32"  # no native bf16 here: float32
     assert inference_precision("float32", CUDA) == "float32"
     assert inference_precision("bfloat16", CUDA) == "bfloat16"
@@ -88,15 +88,15 @@ class _Garbage(torch.autograd.Function):
 def test_the_check_finds_a_wrong_convolution(monkeypatch):
     sound = torch.nn.Conv3d(2, 2, 3, padding=1)
     wrong = _WrongBf16Conv(2, 2, 3, padding=1)
-    networks._SOUNDNESS.clear()
-    monkeypatch.setattr(networks, "_conv_layers", lambda width, crop: [(sound, (2, 4, 8, 8))])
+    precision._SOUNDNESS.clear()
+    monkeypatch.setattr(precision, "_conv_layers", lambda width, crop: [(sound, (2, 4, 8, 8))])
     state = torch.get_rng_state()
     assert cpu_bf16_problem(2, (64, 128, 128), 2) is None
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
-    monkeypatch.setattr(networks, "_conv_layers", lambda width, crop: [(sound, (2, 4, 8, 8)), (wrong, (2, 2, 4, 4))])
+    monkeypatch.setattr(precision, "_conv_layers", lambda width, crop: [(sound, (2, 4, 8, 8)), (wrong, (2, 2, 4, 4))])
     problem = cpu_bf16_problem(2, (32, 64, 64), 2)
     assert problem is not None and "weight gradient" in problem and "2x4x4" in problem
-    networks._SOUNDNESS.clear()
+    precision._SOUNDNESS.clear()
 
 
 def test_the_check_runs_on_the_real_network():
@@ -160,8 +160,8 @@ def test_run_records_resolved_precision_and_resumes_bit_exact(deep_store, tmp_pa
 
 
 def test_explicit_bf16_with_wrong_convolutions_is_refused(deep_store, tmp_path, monkeypatch):
-    monkeypatch.setattr(networks, "cpu_bf16_native", lambda: True)
-    monkeypatch.setattr(networks, "cpu_bf16_problem", lambda *a: "Conv3d 8->8 kernel 3x3x3 off by inf")
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda *a: "Conv3d 8->8 kernel 3x3x3 off by inf")
     with pytest.raises(UserError, match="--precision float32"):
         train(TrainSettings(cache=deep_store, out=tmp_path / "r", width=2, crop=(48, 32, 32), epochs=1,
                             precision="bfloat16", targets="cache"), max_steps=1)
