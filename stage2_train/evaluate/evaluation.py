@@ -40,7 +40,7 @@ from stage2_train.evaluate.figures import dice_bar_chart, qualitative_figure
 from stage2_train.evaluate.inference import DEFAULT_STRIDE, InferenceSettings, RunModel, load_run_model
 from stage2_train.evaluate.metrics import CaseMetrics, case_metrics, mean_std_over_runs, summarize
 from stage2_train.evaluate.predict import labels_to_source_grid
-from stage2_train.sampling.crops import VolumeCache
+from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.train.run_folder import store_identity
 
 __all__ = ["EvalCase", "EvaluateSettings", "evaluate", "evaluation_cases"]

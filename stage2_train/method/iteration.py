@@ -34,7 +34,9 @@ from stage2_train.method.losses import (
 )
 from stage2_train.method.networks import DinoMixStudent, StudentOutput
 from stage2_train.method.pic import pic_batch
-from stage2_train.sampling.crops import Crop, IterationSampler, VolumeCache, random_crop, random_gamma
+from stage2_train.sampling.crops import Crop, random_crop, random_gamma
+from stage2_train.sampling.iteration_sampler import IterationSampler
+from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.geometry import token_pixels
 from stage2_train.targets.policies import MixedCrop, TargetPolicy
 from stage2_train.train.distributed import Distributed, rank_share

@@ -31,7 +31,8 @@ import torch
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import Teacher
-from stage2_train.sampling.crops import Crop, VolumeCache
+from stage2_train.sampling.crops import Crop
+from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.geometry import CELL, DEFAULT_MAPPING, MAPPINGS, TokenGrid
 from stage2_train.targets.views import FEATURE_MEMORY_BYTES, TEACHER_VIEWS, MixedCrop, make_view
 

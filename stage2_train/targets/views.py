@@ -31,7 +31,8 @@ import torch
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import scaled_input_size
-from stage2_train.sampling.crops import Crop, VolumeCache
+from stage2_train.sampling.crops import Crop
+from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.geometry import TokenGeometry, TokenGrid
 
 __all__ = ["TEACHER_VIEWS", "CropView", "MixedCrop", "SliceView", "TeacherView", "make_view"]

@@ -15,7 +15,8 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
 from stage2_train.method.iteration import DinoMixIteration, TrainState
-from stage2_train.sampling.crops import VolumeCache, center_crop
+from stage2_train.sampling.crops import center_crop
+from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.policies import TargetPolicy, make_policy
 from stage2_train.train import precision  # the module: tests replace its CPU probes
 from stage2_train.train.distributed import Distributed, checkpoint_payload, from_environment, restore_state

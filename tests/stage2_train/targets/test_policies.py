@@ -14,7 +14,8 @@ from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import TeacherSettings, load_teacher
 from stage1_extract.runner import run_extraction
-from stage2_train.sampling.crops import Crop, VolumeCache, random_crop
+from stage2_train.sampling.crops import Crop, random_crop
+from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.fidelity import cosine_fidelity
 from stage2_train.targets.geometry import cache_window
 from stage2_train.targets.policies import CacheTargets, HybridTargets, MixedCrop, OnlineTargets, make_policy

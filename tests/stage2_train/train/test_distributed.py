@@ -23,7 +23,8 @@ from dinomix_cache.data.roles import SplitSettings
 from dinomix_cache.errors import UserError
 from stage1_extract.runner import run_extraction
 from stage2_train.method.iteration import DinoMixIteration, TrainState
-from stage2_train.sampling.crops import IterationSampler, VolumeCache
+from stage2_train.sampling.iteration_sampler import IterationSampler
+from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.train.distributed import Distributed, rank_share, weights_sha256
 from stage2_train.train.loop import open_training_store, train
 from stage2_train.train.run_folder import RunFolder

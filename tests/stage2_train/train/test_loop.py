@@ -170,7 +170,7 @@ def test_store_without_volumes_trains_from_data(phantom_dir, tmp_path):
 
 def test_token_grid_crops(train_store, tmp_path):
     from stage2_train.method.iteration import DinoMixIteration, TrainState
-    from stage2_train.sampling.crops import VolumeCache
+    from stage2_train.sampling.volume_cache import VolumeCache
     from stage2_train.train.loop import open_training_store
 
     for grid, allowed in (("token", {0, 16, 32}), ("voxel", set(range(33)))):
