@@ -38,19 +38,21 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from distributed import KilledWorker, as_completed, get_worker
+from distributed.comm import get_address_host
 
 from dinomix_cache.data.datasets import CaseSource, DatasetSpec
 from dinomix_cache.data.preprocess import load_case
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore, settings_to_json
 from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
+from stage1_extract.cluster import slots_by_host, wants_gpu
 from stage1_extract.progress import ExtractionProgress
 from stage1_extract.runner import CaseInFlight, case_batch_plan, crop_window_geometry, store_case
 from stage1_extract.settings import ExtractSettings
@@ -86,90 +88,6 @@ class RunContext:
     slots: dict[str, int]
 
 
-# ------------------------------------------------------------------------------------ client side
-def wants_gpu(device: str) -> bool:
-    """True when the teacher will run on CUDA: ``cuda``/``cuda:N``, or ``auto`` where CUDA is visible."""
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-
-
-def start_local_cluster(workers: int, gpu: bool) -> Any:
-    """A ``distributed.LocalCluster`` of ``workers`` single-threaded processes (no dashboard).
-
-    Args:
-        workers: worker processes.
-        gpu: give each worker a ``GPU`` resource, for tasks that claim one.
-    """
-    from distributed import LocalCluster
-
-    # memory_limit 0: every worker holds a whole teacher, which its default share of the RAM may
-    # not fit; the nanny would then restart it again and again.
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                        memory_limit=0, resources={"GPU": 1} if gpu else None)
-
-
-@contextmanager
-def cluster_client(settings: ExtractSettings) -> Iterator[Any]:
-    """A ``distributed.Client`` on the cluster ``settings`` names, closed (a local cluster shut down) on exit.
-
-    Raises:
-        UserError: the scheduler is unreachable within ``connect_timeout`` seconds, or the address
-            is malformed.
-    """
-    from distributed import Client
-
-    gpu = wants_gpu(settings.teacher.device)
-    if settings.scheduler is None:
-        with _dask_log_level(logging.WARNING):
-            cluster = start_local_cluster(settings.workers, gpu)
-            try:
-                with Client(cluster, set_as_default=False) as client:
-                    yield client
-            finally:
-                # Workers that outlive the close timeout are killed, with warnings and tracebacks
-                # that say nothing about the extraction.
-                with _dask_log_level(logging.ERROR):
-                    cluster.close()
-        return
-    address = settings.scheduler.strip()
-    try:
-        client = Client(address, timeout=settings.connect_timeout, set_as_default=False)
-    except (OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise UserError(f"cannot reach the dask scheduler at {address} within {settings.connect_timeout:g} s "
-                        f"({reason}); check --scheduler (like tcp://HOST:8786) and that the scheduler runs") from None
-    with _dask_log_level(logging.WARNING), client:
-        yield client
-
-
-@contextmanager
-def _dask_log_level(level: int) -> Iterator[None]:
-    """Raise the ``distributed`` loggers to ``level`` for a while: their INFO lines (every worker
-    start and stop) would otherwise reach the CLI's root handler."""
-    logger = logging.getLogger("distributed")
-    old = logger.level
-    logger.setLevel(max(level, logger.getEffectiveLevel()))
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
-def describe_cluster(client: Any, settings: ExtractSettings) -> str:
-    """``2 local dask worker(s)`` or ``dask scheduler tcp://head:8786 (8 worker(s))``."""
-    workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    if settings.scheduler is None and settings.workers:
-        return f"{workers} local dask worker(s)"
-    return f"dask scheduler {client.scheduler.address} ({workers} worker(s))"
-
-
-def _slots_by_host(client: Any) -> dict[str, int]:
-    slots: dict[str, int] = {}
-    for info in client.scheduler_info(n_workers=-1)["workers"].values():
-        host = str(info.get("host"))
-        slots[host] = slots.get(host, 0) + int(info.get("nthreads") or 1)
-    return slots
-
-
 def _absolute(spec: DatasetSpec) -> DatasetSpec:
     # absolute() rather than resolve(): following a symlinked file out of the root would change
     # the relative source path recorded in the case's attributes.
@@ -203,14 +121,12 @@ def extract_cases_distributed(
         UserError: a task's UserError (bad file, failed write, other teacher) or a case whose
             worker kept dying; cases finished before it stay complete.
     """
-    from distributed import KilledWorker, as_completed
-
     if not cases:
         return 0, 0.0
     depth = settings.preprocess.target_shape[0]
     assert settings.out is not None
     context = RunContext(settings=settings, spec=_absolute(spec), store=str(Path(settings.out).absolute()),
-                         identity=identity, total=depth * len(cases), slots=_slots_by_host(client))
+                         identity=identity, total=depth * len(cases), slots=slots_by_host(client))
     by_id = {c.case_id: c for c in context.spec.cases}
     # A fresh token per run: a rerun on the same cluster never joins a task of a cancelled run.
     token = uuid.uuid4().hex[:12]
@@ -263,8 +179,6 @@ def warm_up(client: Any, settings: ExtractSettings, identity: dict[str, Any]) ->
         UserError: a worker's teacher failed to load or differs from ``identity``; the teacher
             runs on CUDA but no worker offers a ``GPU`` resource (its tasks would wait forever).
     """
-    from distributed import as_completed
-
     info = client.scheduler_info(n_workers=-1)["workers"]
     if not info:
         log.info("no dask worker connected yet; the cases wait for workers to join")
@@ -325,6 +239,8 @@ def _wait_for_running(client: Any, token: str, timeout: float = 600.0) -> None:
 
 
 # ------------------------------------------------------------------------------------ worker side
+
+
 def extract_one_case(context: RunContext, source: CaseSource, offset: int) -> dict[str, Any]:
     """Task body: preprocess one case, run the teacher over it, write it into the store.
 
@@ -394,8 +310,6 @@ def forward_case(teacher: Teacher, state: CaseInFlight, plan: list[tuple[int, in
 
 
 def _worker() -> Any:
-    from distributed import get_worker
-
     try:
         return get_worker()
     except ValueError:  # called outside a worker (a direct call)
@@ -407,8 +321,6 @@ def _torch_threads(worker: Any, slots: dict[str, int]) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if worker is None:
         return cores
-    from distributed.comm import get_address_host
-
     host_slots = slots.get(get_address_host(worker.address)) or worker.state.nthreads
     return max(1, cores // max(1, host_slots))
 

@@ -38,6 +38,7 @@ from dinomix_cache.phantom.generate import generate_phantom
 from dinomix_cache.store.feature_store import FeatureStore, is_store, remove_store, settings_to_json
 from dinomix_cache.store.lock import StoreLock
 from dinomix_cache.teacher.model import Teacher, load_teacher
+from stage1_extract.cluster import cluster_client, describe_cluster
 from stage1_extract.progress import ExtractionProgress
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward
@@ -467,8 +468,8 @@ def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None,
             from stage1_extract import distributed as dist
 
             if client is None:
-                client = stack.enter_context(dist.cluster_client(settings))
-            described = f"{described.rsplit(' on ', 1)[0]} on {dist.describe_cluster(client, settings)}"
+                client = stack.enter_context(cluster_client(settings))
+            described = f"{described.rsplit(' on ', 1)[0]} on {describe_cluster(client, settings)}"
             dist.warm_up(client, settings, meta["teacher"])
         stack.enter_context(StoreLock(settings.out))
         store = open_or_create_store(settings, meta)

@@ -19,7 +19,7 @@ import zarr
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.inspection import verify_store
-from stage1_extract.distributed import start_local_cluster
+from stage1_extract.cluster import start_local_cluster
 from stage1_extract.runner import _batches, case_batch_plan, run_extraction
 from tests.conftest import TINY_PHANTOM, TINY_SHAPE, tiny_settings
 
