@@ -36,10 +36,11 @@ from dinomix_cache.data.source_volumes import load_source_case, resolve_recorded
 from dinomix_cache.errors import UserError, writing
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.locations import as_location
-from stage2_train.evaluate.figures import dice_bar_chart, qualitative_figure
+from stage2_train.evaluate.dice_chart import dice_bar_chart
 from stage2_train.evaluate.inference import DEFAULT_STRIDE, InferenceSettings, RunModel, load_run_model
 from stage2_train.evaluate.metrics import CaseMetrics, case_metrics, mean_std_over_runs, summarize
 from stage2_train.evaluate.predict import labels_to_source_grid
+from stage2_train.evaluate.slice_figure import qualitative_figure
 from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.train.run_folder import store_identity
 

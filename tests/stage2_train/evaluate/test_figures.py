@@ -11,14 +11,9 @@ import pytest
 from matplotlib.image import imread
 
 from dinomix_cache.data.classes import AMOS_ABBREVIATIONS, AMOS_CLASSES, SYNAPSE_ABBREVIATIONS, SYNAPSE_CLASSES
-from stage2_train.evaluate.figures import (
-    ORGAN_COLOURS,
-    choose_slices,
-    colour_table,
-    dice_bar_chart,
-    organ_colour,
-    qualitative_figure,
-)
+from stage2_train.evaluate.colours import ORGAN_COLOURS, colour_table, organ_colour
+from stage2_train.evaluate.dice_chart import dice_bar_chart
+from stage2_train.evaluate.slice_figure import choose_slices, qualitative_figure
 
 SYN_FG = list(SYNAPSE_ABBREVIATIONS[1:])
 
