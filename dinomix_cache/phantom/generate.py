@@ -39,13 +39,9 @@ from scipy.ndimage import gaussian_filter
 from dinomix_cache.atomic import write_atomic
 from dinomix_cache.data.classes import SYNAPSE_CASE_IDS, SYNAPSE_CLASSES
 from dinomix_cache.errors import UserError
-from dinomix_cache.phantom.anatomy import (
-    N_TISSUES,
-    TISSUE_TABLE,
-    TISSUE_TO_LABEL,
-    render_tissues,
-    sample_body,
-)
+from dinomix_cache.phantom.anatomy import sample_body
+from dinomix_cache.phantom.render import render_tissues
+from dinomix_cache.phantom.tissues import N_TISSUES, TISSUE_TABLE, TISSUE_TO_LABEL
 
 PHANTOM_VERSION: int = 1
 _CASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
