@@ -36,16 +36,19 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 import zarr
+from pydantic import BaseModel
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.errors import ZarrUserWarning
 from zarr.storage import ZipStore
 
+from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError, writing
 from dinomix_cache.store.checks import check_array, checked_read, fill_value
 from dinomix_cache.store.locations import (
@@ -139,6 +142,38 @@ def load_attrs(attrs: Mapping[str, Any], where: str) -> tuple[dict[str, Any], St
 def validate_attrs(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
     """:func:`load_attrs`, returning the validated ``dinomix`` dictionary only."""
     return load_attrs(attrs, where)[0]
+
+
+def preprocess_settings(attrs: StoreAttrs) -> PreprocessSettings:
+    """The preprocessing a store's volumes were made with, as settings: inputs segmented by a model
+    trained from the store must be prepared exactly so."""
+    return PreprocessSettings.from_json(attrs.preprocessing.model_dump())
+
+
+# Fields whose disagreement makes an existing store unusable for an extraction.
+_MATCHED = (("teacher", None), ("preprocessing", None), ("storage", None),
+            ("dataset", "name"), ("dataset", "class_names"), ("dataset", "cases"))
+
+
+def attrs_mismatches(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Fields that differ between a store's ``dinomix`` attribute and the one an extraction would
+    write, e.g. ``teacher.input_size: store [160, 160], requested [128, 128]``; empty when the store
+    can be appended to. Case entries are compared by id and role only (finishing adds hashes)."""
+    problems = []
+    for section, key in _MATCHED:
+        old, new = existing.get(section, {}), wanted[section]
+        keys = [key] if key else sorted(set(old) | set(new))
+        for k in keys:
+            a, b = old.get(k), new.get(k)
+            if k == "cases":
+                a, b = ([(c.get("id"), c.get("role")) for c in v or []] for v in (a, b))
+            if a != b:
+                shown = ("(differs)" if k == "cases" else f"store {old.get(k)!r}, requested {new.get(k)!r}")
+                problems.append(f"{section}.{k}: {shown}")
+    old_windows, new_windows = existing.get("crop_windows"), wanted.get("crop_windows")
+    if old_windows != new_windows:
+        problems.append(f"crop_windows: store {old_windows!r}, requested {new_windows!r}")
+    return problems
 
 
 def is_store(path: Path) -> bool:
@@ -361,12 +396,14 @@ class FeatureStore:
         return self._attrs
 
     def update_meta(self, **sections: Any) -> None:
-        """Replace top-level sections of the ``dinomix`` attribute (written atomically).
+        """Replace top-level sections of the ``dinomix`` attribute (written atomically). A section is
+        given as its JSON dict or as its typed model (``store.attrs.producer.model_copy(update=...)``).
 
         Raises:
             UserError: the result does not validate, or the write fails (naming the store).
         """
-        meta = {**self._meta, **sections}
+        dumped = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in sections.items()}
+        meta = {**self._meta, **dumped}
         attrs = load_attrs({ATTRS_KEY: meta}, self.location)[1]
         with writing(self.location):
             self.group.attrs[ATTRS_KEY] = meta
@@ -389,6 +426,16 @@ class FeatureStore:
     def roles(self) -> dict[str, str]:
         """Case id → role (labeled / unlabeled / eval / test) for every case the dataset lists."""
         return self._attrs.roles()
+
+    @property
+    def preprocess(self) -> PreprocessSettings:
+        """The preprocessing the store's volumes were made with (:func:`preprocess_settings`)."""
+        return preprocess_settings(self._attrs)
+
+    def mismatches(self, wanted: Mapping[str, Any]) -> list[str]:
+        """What keeps an extraction that would write ``wanted`` from appending to this store
+        (:func:`attrs_mismatches`); empty when it may."""
+        return attrs_mismatches(self._meta, wanted)
 
     # ----------------------------------------------------------------------------- cases
     def _subgroup(self, name: str) -> zarr.Group:
@@ -415,6 +462,12 @@ class FeatureStore:
             return None
         attrs = array.attrs.get(CASE_KEY)
         return attrs if isinstance(attrs, dict) else None
+
+    def case_source(self, case_id: str) -> dict[str, Any]:
+        """What a case records of its source files: paths relative to the dataset folder, their
+        sha256, the image's affine (see ``stage1_extract.runner.case_meta``); ``{}`` when it records none."""
+        source = (self.case_attrs(case_id) or {}).get("source")
+        return source if isinstance(source, dict) else {}
 
     def is_complete(self, case_id: str) -> bool:
         if case_id in self._complete:
@@ -670,6 +723,43 @@ class FeatureStore:
             raise UserError(f"{self.location}: stats/class_voxels holds {counts.shape} {counts.dtype}, not one count "
                             f"per class ({self._attrs.num_classes}); run `dinomix-cache verify {self.location}`")
         return counts
+
+    def finalize(self) -> bool:
+        """Record each complete case's source hashes in ``dataset.cases`` and whether every case is
+        complete; once all are, also the statistics (voxels per class over the labeled cases, from
+        the cases' own counts), the finishing time, and the consolidated metadata (a later writer
+        opening the store drops that copy again).
+
+        Returns:
+            True if every case of the dataset is complete (the store is then marked complete).
+
+        Raises:
+            UserError: a write fails (naming the store).
+        """
+        cases = []
+        totals = np.zeros(self._attrs.num_classes, dtype=np.int64)
+        all_complete = True
+        for entry in self._attrs.dataset.cases:
+            attrs = self.case_attrs(entry.id)
+            if not (attrs and attrs.get("complete")):
+                all_complete = False
+                cases.append({"id": entry.id, "role": entry.role})
+                continue
+            src = attrs.get("source", {})
+            cases.append({"id": entry.id, "role": entry.role, "image_sha256": src.get("image_sha256"),
+                          "label_sha256": src.get("label_sha256")})
+            if entry.role == "labeled" and "class_voxels" in attrs:
+                totals += np.asarray(attrs["class_voxels"], dtype=np.int64)
+        # Spread over the sections as stored: their key order is part of the store's identity.
+        dataset = {**self._meta["dataset"], "cases": cases}
+        extraction = {**self._meta["extraction"], "complete": all_complete}
+        if all_complete:
+            self.write_class_voxels(totals)
+            extraction["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        self.update_meta(dataset=dataset, extraction=extraction)
+        if all_complete:
+            self.consolidate()  # one request opens the finished store and all its cases (over HTTP too)
+        return all_complete
 
     # ----------------------------------------------------------------------------- sizes
     def bytes_on_disk(self, sub: str = "") -> int | None:

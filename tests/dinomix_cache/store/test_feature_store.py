@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 import numpy as np
 import pytest
 import zarr
 
+from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import (
     ATTRS_KEY,
     FeatureStore,
     StoreSettings,
     is_store,
+    preprocess_settings,
     remove_store,
     validate_attrs,
 )
+from dinomix_cache.store.inspection import _check_array
+from dinomix_cache.store.schema import check_store_attrs
+from stage1_extract.runner import run_extraction
+from tests.conftest import tiny_settings
 from tests.toy_meta import toy_meta
 
 
@@ -101,7 +108,6 @@ def test_disk_full_leaves_case_incomplete_with_clear_error(tmp_path, monkeypatch
 
 
 def test_checksums_catch_a_flipped_byte(tmp_path):
-    from dinomix_cache.store.inspection import _check_array
 
     store = FeatureStore.create(tmp_path / "s.zarr", make_meta(StoreSettings(compression="none", chunk_slices=4)))
     store.write_case("0001", *case_arrays(), {})
@@ -175,6 +181,46 @@ def test_typed_attributes_and_the_optional_crop_windows_section(tmp_path):
     assert FeatureStore.open(tmp_path / "s.zarr").attrs.crop_windows is None
 
 
+def test_typed_views_of_a_store_and_of_its_saved_attributes(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
+    saved = check_store_attrs(json.loads(json.dumps(store.meta)), "store.json")  # as a run folder keeps it
+    assert saved == store.attrs
+    assert saved.case_ids("labeled") == ["0001"] and saved.case_ids() == ["0001", "0002"]
+    assert saved.dataset.name == "toy" and saved.class_names == ["background", "a", "b"]
+    assert saved.teacher.label == "random, not pretrained" and saved.producer.zarr == "test"
+    assert store.preprocess == preprocess_settings(saved) == PreprocessSettings(target_shape=(12, 32, 32), image_dtype="float32")
+    assert saved.extraction.data is None and not saved.extraction.complete
+    store.update_meta(producer=store.attrs.producer.model_copy(update={"created": "later"}))
+    assert FeatureStore.open(tmp_path / "s.zarr").attrs.producer.created == "later"
+
+
+def test_mismatches_name_the_fields_an_extraction_would_change(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
+    assert store.mismatches(make_meta()) == []
+    hashed = make_meta()
+    hashed["dataset"]["cases"][0]["image_sha256"] = "1" * 64  # finishing adds hashes: not a mismatch
+    assert store.mismatches(hashed) == []
+    wanted = make_meta(cases=(("0001", "unlabeled"), ("0002", "unlabeled")))
+    wanted["teacher"]["input_size"] = [16, 16]
+    wanted["crop_windows"] = {"size": [32, 32], "positions": [1, 1], "token_grid": [2, 2]}
+    assert store.mismatches(wanted) == [
+        "teacher.input_size: store [32, 32], requested [16, 16]", "dataset.cases: (differs)",
+        "crop_windows: store None, requested {'size': [32, 32], 'positions': [1, 1], 'token_grid': [2, 2]}"]
+
+
+def test_finalize_records_hashes_and_statistics_once_every_case_is_complete(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
+    source = {"image": "img.nii.gz", "image_sha256": "2" * 64}
+    store.write_case("0001", *case_arrays(), {"role": "labeled", "source": source, "class_voxels": [7, 2, 1]})
+    assert store.case_source("0001") == source and store.case_source("0002") == {}
+    assert not store.finalize() and store.class_voxels() is None
+    assert store.meta["dataset"]["cases"][0] == {"id": "0001", "role": "labeled", "image_sha256": "2" * 64,
+                                                 "label_sha256": None}
+    store.write_case("0002", *case_arrays(1), {"role": "unlabeled", "class_voxels": [1, 1, 1]})
+    assert store.finalize() and store.attrs.extraction.complete and store.attrs.extraction.finished
+    np.testing.assert_array_equal(store.class_voxels(), [7, 2, 1])  # labeled cases only
+
+
 def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
     store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
     store.write_case("0001", *case_arrays(), {"role": "labeled"})
@@ -190,12 +236,6 @@ def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
 
 def test_a_zero_fill_store_with_deleted_chunks_is_refused_on_read(phantom_dir, tmp_path):
     # Stores written before NaN fill values read a deleted chunk as zeros: their chunks are counted.
-    import shutil
-
-    from conftest import tiny_settings
-
-    from stage1_extract.runner import run_extraction
-
     out = tmp_path / "s.zarr"
     run_extraction(tiny_settings(phantom_dir, out, cases=("0001",)))
     meta_file = out / "features" / "0001" / "zarr.json"
