@@ -183,7 +183,7 @@ class DatasetAttrs(_Section):
 
 
 class StorageAttrs(_Section):
-    """``storage``: :class:`dinomix_cache.store.feature_store.StoreSettings`."""
+    """``storage``: :class:`dinomix_cache.store.storage.StoreSettings`."""
 
     compression: Literal["lossless", "lossy", "none"]
     keepbits: Annotated[int, Field(ge=1, le=9)]

@@ -24,7 +24,7 @@ from monai.inferers import sliding_window_inference
 
 from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
-from dinomix_cache.store.feature_store import preprocess_settings
+from dinomix_cache.store.attributes import preprocess_settings
 from dinomix_cache.store.schema import StoreAttrs
 from stage2_train.method.networks import DinoMixStudent, bf16_native, student_autocast
 from stage2_train.train.run_folder import RunFolder

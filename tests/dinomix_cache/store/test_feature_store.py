@@ -10,19 +10,16 @@ import numpy as np
 import pytest
 import zarr
 
-from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import (
     ATTRS_KEY,
     FeatureStore,
     StoreSettings,
     is_store,
-    preprocess_settings,
     remove_store,
     validate_attrs,
 )
 from dinomix_cache.store.inspection import _check_array
-from dinomix_cache.store.schema import check_store_attrs
 from stage1_extract.runner import run_extraction
 from tests.conftest import tiny_settings
 from tests.toy_meta import toy_meta
@@ -179,33 +176,6 @@ def test_typed_attributes_and_the_optional_crop_windows_section(tmp_path):
         store.update_meta(crop_windows={**windows, "positions": [0, 3]})
     store.update_meta(crop_windows=None)
     assert FeatureStore.open(tmp_path / "s.zarr").attrs.crop_windows is None
-
-
-def test_typed_views_of_a_store_and_of_its_saved_attributes(tmp_path):
-    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
-    saved = check_store_attrs(json.loads(json.dumps(store.meta)), "store.json")  # as a run folder keeps it
-    assert saved == store.attrs
-    assert saved.case_ids("labeled") == ["0001"] and saved.case_ids() == ["0001", "0002"]
-    assert saved.dataset.name == "toy" and saved.class_names == ["background", "a", "b"]
-    assert saved.teacher.label == "random, not pretrained" and saved.producer.zarr == "test"
-    assert store.preprocess == preprocess_settings(saved) == PreprocessSettings(target_shape=(12, 32, 32), image_dtype="float32")
-    assert saved.extraction.data is None and not saved.extraction.complete
-    store.update_meta(producer=store.attrs.producer.model_copy(update={"created": "later"}))
-    assert FeatureStore.open(tmp_path / "s.zarr").attrs.producer.created == "later"
-
-
-def test_mismatches_name_the_fields_an_extraction_would_change(tmp_path):
-    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
-    assert store.mismatches(make_meta()) == []
-    hashed = make_meta()
-    hashed["dataset"]["cases"][0]["image_sha256"] = "1" * 64  # finishing adds hashes: not a mismatch
-    assert store.mismatches(hashed) == []
-    wanted = make_meta(cases=(("0001", "unlabeled"), ("0002", "unlabeled")))
-    wanted["teacher"]["input_size"] = [16, 16]
-    wanted["crop_windows"] = {"size": [32, 32], "positions": [1, 1], "token_grid": [2, 2]}
-    assert store.mismatches(wanted) == [
-        "teacher.input_size: store [32, 32], requested [16, 16]", "dataset.cases: (differs)",
-        "crop_windows: store None, requested {'size': [32, 32], 'positions': [1, 1], 'token_grid': [2, 2]}"]
 
 
 def test_finalize_records_hashes_and_statistics_once_every_case_is_complete(tmp_path):
