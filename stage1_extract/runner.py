@@ -124,31 +124,6 @@ def store_meta(settings: ExtractSettings, spec: DatasetSpec, teacher: Teacher) -
     }
 
 
-# Fields whose disagreement makes an existing store unusable for this run.
-_MATCHED = (("teacher", None), ("preprocessing", None), ("storage", None),
-            ("dataset", "name"), ("dataset", "class_names"), ("dataset", "cases"))
-
-
-def meta_mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Names of fields that differ between a store's attributes and this run's, e.g.
-    ``teacher.input_size: store [160, 160], requested [128, 128]``."""
-    problems = []
-    for section, key in _MATCHED:
-        old, new = existing.get(section, {}), wanted[section]
-        keys = [key] if key else sorted(set(old) | set(new))
-        for k in keys:
-            a, b = old.get(k), new.get(k)
-            if k == "cases":  # finalize adds hashes to each entry; only ids and roles must agree
-                a, b = ([(c.get("id"), c.get("role")) for c in v or []] for v in (a, b))
-            if a != b:
-                shown = ("(differs)" if k == "cases" else f"store {old.get(k)!r}, requested {new.get(k)!r}")
-                problems.append(f"{section}.{k}: {shown}")
-    old_windows, new_windows = existing.get("crop_windows"), wanted.get("crop_windows")
-    if old_windows != new_windows:
-        problems.append(f"crop_windows: store {old_windows!r}, requested {new_windows!r}")
-    return problems
-
-
 def open_or_create_store(settings: ExtractSettings, meta: dict[str, Any]) -> FeatureStore:
     """Open ``settings.out`` for appending if it matches ``meta``, else create it.
 
@@ -165,7 +140,8 @@ def open_or_create_store(settings: ExtractSettings, meta: dict[str, Any]) -> Fea
             raise UserError(f"{out} exists and is not a dinomix feature store; choose another --out")
         # Compare read-only first: opening to write drops the consolidated metadata, and a refused
         # store must stay byte-identical.
-        problems = meta_mismatches(FeatureStore.open(out).meta, meta)
+        with FeatureStore.open(out) as existing:
+            problems = existing.mismatches(meta)
         if problems:
             raise UserError(
                 f"{out} was made with other settings ({'; '.join(problems)}); refusing to append. "
@@ -295,11 +271,11 @@ def case_meta(state: CaseInFlight, spec: DatasetSpec) -> dict[str, Any]:
         if source.get(key):
             path = Path(source[key])
             source[key] = str(path.relative_to(spec.root)) if path.is_relative_to(spec.root) else str(path)
-    meta: dict[str, Any] = {"role": state.source.role, "source": source}
+    provenance: dict[str, Any] = {"role": state.source.role, "source": source}
     if state.case.label is not None:
         counts = np.bincount(state.case.label.ravel(), minlength=len(spec.class_names))
-        meta["class_voxels"] = [int(v) for v in counts]
-    return meta
+        provenance["class_voxels"] = [int(v) for v in counts]
+    return provenance
 
 
 def store_case(store: FeatureStore, state: CaseInFlight, spec: DatasetSpec) -> str:
@@ -392,34 +368,14 @@ def extract_cases(
 
 def finalize_store(store: FeatureStore, spec: DatasetSpec) -> bool:
     """Write statistics and per-case hashes into the group attributes once all cases are complete,
-    then consolidate the metadata (a later ``extract`` opening the store to write drops that copy).
+    then consolidate the metadata (a later ``extract`` opening the store to write drops that copy):
+    :meth:`~dinomix_cache.store.feature_store.FeatureStore.finalize`. ``spec`` is the dataset the store
+    was opened for; the store's attributes list its cases and classes.
 
     Returns:
         True if every case of the dataset is complete (the store is then marked complete).
     """
-    cases = []
-    totals = np.zeros(len(spec.class_names), dtype=np.int64)
-    all_complete = True
-    for entry in store.meta["dataset"]["cases"]:
-        attrs = store.case_attrs(entry["id"])
-        if not (attrs and attrs.get("complete")):
-            all_complete = False
-            cases.append({"id": entry["id"], "role": entry["role"]})
-            continue
-        src = attrs.get("source", {})
-        cases.append({"id": entry["id"], "role": entry["role"], "image_sha256": src.get("image_sha256"),
-                      "label_sha256": src.get("label_sha256")})
-        if entry["role"] == "labeled" and "class_voxels" in attrs:
-            totals += np.asarray(attrs["class_voxels"], dtype=np.int64)
-    dataset = {**store.meta["dataset"], "cases": cases}
-    extraction = {**store.meta["extraction"], "complete": all_complete}
-    if all_complete:
-        store.write_class_voxels(totals)
-        extraction["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    store.update_meta(dataset=dataset, extraction=extraction)
-    if all_complete:
-        store.consolidate()  # one request opens the finished store and all its cases (over HTTP too)
-    return all_complete
+    return store.finalize()
 
 
 def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None,
@@ -460,6 +416,7 @@ def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None,
     slice_hw = tuple(settings.preprocess.target_shape[1:])
     teacher.resolved_input_size(slice_hw)
     meta = store_meta(settings, spec, teacher)
+    identity = teacher.identity(slice_hw)  # the store's teacher attribute; a worker whose teacher differs refuses
 
     report = ExtractionReport(store=settings.out)
     with ExitStack() as stack:
@@ -470,7 +427,7 @@ def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None,
             if client is None:
                 client = stack.enter_context(cluster_client(settings))
             described = f"{described.rsplit(' on ', 1)[0]} on {describe_cluster(client, settings)}"
-            dist.warm_up(client, settings, meta["teacher"])
+            dist.warm_up(client, settings, identity)
         stack.enter_context(StoreLock(settings.out))
         store = open_or_create_store(settings, meta)
         pending = [c for c in wanted if not store.is_complete(c.case_id)]
@@ -482,7 +439,7 @@ def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None,
         with ExtractionProgress(len(pending), len(pending) * depth, described, enabled=settings.progress) as progress:
             if on_cluster:
                 report.slices, report.seconds = dist.extract_cases_distributed(
-                    client, spec, pending, settings, meta["teacher"], progress)
+                    client, spec, pending, settings, identity, progress)
             else:
                 report.slices, report.seconds = extract_cases(store, teacher, spec, pending, settings, progress)
         report.computed = [c.case_id for c in pending]

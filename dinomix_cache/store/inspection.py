@@ -41,7 +41,10 @@ def store_info(path: Path | str) -> dict[str, Any]:
 
 
 def _summary(store: FeatureStore) -> dict[str, Any]:
-    meta = store.meta
+    attrs = store.attrs
+    # The sections are shown as recorded (key order and numbers as the store has them), after
+    # validation; everything derived from them is read through the typed view.
+    recorded = store.meta
     roles = store.roles()
     complete = set(store.complete_cases())
     by_role: dict[str, dict[str, int]] = {}
@@ -58,26 +61,26 @@ def _summary(store: FeatureStore) -> dict[str, Any]:
         feature_shapes.add(shape)
         slices += shape[0]
     feature_bytes = store.bytes_on_disk("features")
-    window_bytes = store.bytes_on_disk("windows") if store.crop_windows else 0
+    window_bytes = store.bytes_on_disk("windows") if attrs.crop_windows else 0
     volume_bytes = store.bytes_on_disk("volumes")
     total_bytes = store.bytes_on_disk()
     counts = store.class_voxels()
     return {
         "path": store.location,
         "kind": store.kind,
-        "format": f"{meta['format']} v{meta['version']}",
-        "teacher": meta["teacher"],
-        "preprocessing": meta["preprocessing"],
-        "dataset": {k: meta["dataset"][k] for k in ("name", "class_names", "split") if k in meta["dataset"]},
-        "storage": meta["storage"],
-        "producer": meta["producer"],
-        "extraction_complete": bool(meta["extraction"].get("complete")),
+        "format": f"{attrs.format} v{attrs.version}",
+        "teacher": recorded["teacher"],
+        "preprocessing": recorded["preprocessing"],
+        "dataset": {k: recorded["dataset"][k] for k in ("name", "class_names", "split")},
+        "storage": recorded["storage"],
+        "producer": recorded["producer"],
+        "extraction_complete": attrs.extraction.complete,
         "cases_by_role": by_role,
         "incomplete_cases": [cid for cid in roles if cid not in complete],
         "feature_shapes": sorted(list(s) for s in feature_shapes),
         "slices": slices,
         "crop_windows": store.crop_windows,
-        "teacher_views": ["slice", "crop"] if store.crop_windows else ["slice"],
+        "teacher_views": ["slice", "crop"] if attrs.crop_windows else ["slice"],
         "bytes": {"total": total_bytes, "features": feature_bytes, "windows": window_bytes, "volumes": volume_bytes},
         "bytes_note": SIZES_UNKNOWN if total_bytes is None else None,
         "feature_bytes_per_slice": feature_bytes / slices if slices and feature_bytes is not None else None,
@@ -165,15 +168,14 @@ def _verify(store: FeatureStore, data: Path | None) -> list[str]:
                 problems.append(f"case {cid} features: shape {feats.shape}, expected {expected}")
             elif not np.isfinite(feats).all():
                 problems.append(f"case {cid} features: non-finite values")
-        windows = store.crop_windows
-        if windows is not None:
+        if schema.crop_windows is not None:
             wins = _check_array(root["windows"][cid], f"case {cid} windows", problems)
-            shape = (expected[0], *windows["positions"], *windows["token_grid"], expected[3])
-            if wins is not None and wins.shape != tuple(shape):
-                problems.append(f"case {cid} windows: shape {wins.shape}, expected {tuple(shape)}")
+            shape = schema.array_spec("windows").shape
+            if wins is not None and wins.shape != shape:
+                problems.append(f"case {cid} windows: shape {wins.shape}, expected {shape}")
             elif wins is not None and not np.isfinite(wins).all():
                 problems.append(f"case {cid} windows: non-finite values")
-        if store.storage.volumes:
+        if schema.storage.volumes:
             for name in ("image", "label"):
                 if name == "label" and "class_voxels" not in attrs:
                     continue

@@ -183,7 +183,7 @@ class DatasetAttrs(_Section):
 
 
 class StorageAttrs(_Section):
-    """``storage``: :class:`dinomix_cache.store.feature_store.StoreSettings`."""
+    """``storage``: :class:`dinomix_cache.store.storage.StoreSettings`."""
 
     compression: Literal["lossless", "lossy", "none"]
     keepbits: Annotated[int, Field(ge=1, le=9)]
@@ -243,7 +243,20 @@ class ArraySpec(BaseModel):
 
 
 class StoreAttrs(_Section):
-    """The whole ``dinomix`` attribute of a format v1 store."""
+    """The whole ``dinomix`` attribute of a format v1 store, typed.
+
+    The views the stages read (a store's :attr:`~dinomix_cache.store.feature_store.FeatureStore.attrs`,
+    or the copy a run folder keeps in ``store.json`` through :func:`check_store_attrs`):
+
+    * teacher geometry: ``teacher.hidden_size`` (C), ``teacher.patch_size`` and ``teacher.input_size``
+      (pixels), ``teacher.token_grid`` (h, w tokens per slice), ``teacher.num_prefix_tokens``;
+    * identity: ``teacher.source``, ``teacher.label``, ``teacher.weights_sha256``, ``producer``;
+    * preprocessing: ``preprocessing`` (as
+      :class:`~dinomix_cache.data.preprocess.PreprocessSettings`:
+      :func:`~dinomix_cache.store.attributes.preprocess_settings`);
+    * dataset and roles: ``dataset.name``, :attr:`class_names`, :meth:`roles`, :meth:`case_ids`;
+    * extraction: ``extraction.complete``, ``extraction.data``; ``crop_windows``; ``storage``.
+    """
 
     format: Literal["dinomix-feature-store"]
     version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)]
@@ -266,6 +279,10 @@ class StoreAttrs(_Section):
     def roles(self) -> dict[str, str]:
         """Case id → role, in dataset order."""
         return {c.id: c.role for c in self.dataset.cases}
+
+    def case_ids(self, role: str | None = None) -> list[str]:
+        """Ids of the dataset's cases with ``role`` (every case for None), in dataset order."""
+        return [c.id for c in self.dataset.cases if role is None or c.role == role]
 
     def array_spec(self, name: str) -> ArraySpec:
         """What ``features``, ``image``, ``label`` or ``windows`` of any case must be.

@@ -159,19 +159,19 @@ def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
     Raises:
         UserError: the split is empty; the store is gone and no ``data`` is given; files missing.
     """
-    meta = model.store_meta
-    ids = [c["id"] for c in meta["dataset"]["cases"] if c["role"] == split]
+    attrs = model.store_attrs
+    ids = attrs.case_ids(split)
     if not ids:
         raise UserError(f"the store of {model.run} has no {split} cases; use --split eval or test")
     store = _open_store(model, cache)
-    recorded_root = (meta.get("extraction", {}).get("settings") or {}).get("data")
+    recorded_root = attrs.extraction.data
     root = Path(data) if data is not None else (Path(recorded_root) if recorded_root else None)
     if store is None:
         if data is None:
             raise UserError(f"the store {model.settings.cache} of {model.run} is gone and evaluate needs the "
                             f"{split} volumes: pass --cache STORE if it moved, or --data DIR (the dataset folder) "
                             "to rebuild them from the source files")
-        files = scan_case_files(meta["dataset"]["name"], Path(data))
+        files = scan_case_files(attrs.dataset.name, Path(data))
         missing = [cid for cid in ids if cid not in files or files[cid][1] is None]
         if missing:
             raise UserError(f"{data} lacks the {split} cases {' '.join(missing[:5])} (image and label)")
@@ -187,7 +187,7 @@ def evaluation_cases(model: RunModel, split: str, cache: Path | str | None,
             volumes = VolumeCache(store, [cid], with_labels=True, data=data)
             if not volumes.has_label(cid):
                 raise UserError(f"{store.path} holds no label for {split} case {cid}")
-            source = (store.case_attrs(cid) or {}).get("source") or {}
+            source = store.case_source(cid)
             label_path = None
             if source.get("label") and root is not None:
                 candidate = resolve_recorded(source["label"], root)
@@ -246,7 +246,7 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
                     shown = (case.case_id, case.image, case.label, pred)
                 bar.advance(task)
             runs.append({"run": str(model.run), "checkpoint": model.checkpoint, "step": model.step,
-                         "teacher": model.store_meta["teacher"].get("label", ""),
+                         "teacher": model.store_attrs.teacher.label,
                          "summary": summarize(voxel),
                          "summary_mm": summarize(mm) if mm and len(mm) == len(voxel) else None, "cases": cases})
     over = mean_std_over_runs([r["summary"] for r in runs]) if len(runs) > 1 else None

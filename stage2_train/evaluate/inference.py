@@ -24,6 +24,8 @@ from monai.inferers import sliding_window_inference
 
 from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
+from dinomix_cache.store.attributes import preprocess_settings
+from dinomix_cache.store.schema import StoreAttrs
 from stage2_train.method.networks import DinoMixStudent
 from stage2_train.train.precision import bf16_native, student_autocast
 from stage2_train.train.run_folder import RunFolder
@@ -71,11 +73,12 @@ class RunModel:
         run: the run folder.
         settings: the run's resolved training settings.
         store_meta: the attributes of the store it was trained from (teacher, preprocessing,
-            classes, split), as recorded in the run folder.
+            classes, split), as recorded in the run folder (``store.json``).
         network: the student in ``eval()`` mode on ``device``.
         device: where it runs.
         checkpoint: which checkpoint was loaded (``best`` or ``latest``) and at which ``step``.
         store_sha256: the sha256 of the store's attributes (its identity, ``store.json``).
+        store_attrs: ``store_meta``, validated and typed.
     """
 
     run: Path
@@ -86,10 +89,11 @@ class RunModel:
     checkpoint: str
     step: int
     store_sha256: str
+    store_attrs: StoreAttrs
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.store_meta["dataset"]["class_names"])
+        return self.store_attrs.class_names
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +102,7 @@ class RunModel:
     @property
     def preprocess(self) -> PreprocessSettings:
         """The store's preprocessing: inputs must be prepared exactly as the training volumes were."""
-        return PreprocessSettings.from_json(self.store_meta["preprocessing"])
+        return preprocess_settings(self.store_attrs)
 
     def patch(self, settings: InferenceSettings) -> tuple[int, int, int]:
         return tuple(int(v) for v in (settings.patch or self.settings.crop))  # type: ignore[return-value]
@@ -160,7 +164,7 @@ def load_run_model(run: Path, checkpoint: str = "best", device: torch.device | N
     network.load_state_dict(payload["networks"]["student"])
     network.to(device).eval()
     return RunModel(Path(run), settings, identity["meta"], network, device, found, int(payload["state"]["step"]),
-                    str(identity["attrs_sha256"]))
+                    str(identity["attrs_sha256"]), attrs)
 
 
 def sliding_window_probabilities(

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.data.source_volumes import load_source_case, recorded_case_source
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
@@ -81,9 +80,9 @@ class VolumeCache:
         """The case preprocessed from its source files under ``data`` (hashes checked)."""
         if not store.is_complete(case_id):
             raise UserError(f"case {case_id} is not complete in {store.path}; rerun extract to finish it")
-        source = (store.case_attrs(case_id) or {}).get("source") or {}
+        source = store.case_source(case_id)
         case = recorded_case_source(case_id, store.roles().get(case_id, "unlabeled"), source, data)
-        loaded = load_source_case(case, PreprocessSettings.from_json(store.meta["preprocessing"]),
+        loaded = load_source_case(case, store.preprocess,
                                   len(store.class_names), expected=source, with_label=with_labels)
         return loaded.image, loaded.label
 

@@ -35,7 +35,7 @@ def test_extract_info_verify(phantom_dir, tmp_path):
     labeled = [c for c, r in store.roles().items() if r == "labeled"]
     expected = sum(np.bincount(store.read_volume(c, "label").ravel(), minlength=14) for c in labeled)
     np.testing.assert_array_equal(store.class_voxels(), expected)
-    assert store.meta["extraction"]["settings"]["teacher"]["source"] == "random:tiny"
+    assert store.attrs.extraction.settings["teacher"]["source"] == "random:tiny"
 
 
 def _save_dinov3(path):

@@ -31,8 +31,8 @@ EXTRACT = ["--dataset", "phantom", "--teacher", "random:tiny", "--target-shape",
            TINY_PHANTOM.matrix, "--no-progress"]
 
 
-def _dup(meta: dict) -> None:
-    meta["dataset"]["cases"].append(dict(meta["dataset"]["cases"][0]))
+def _dup(m: dict) -> None:
+    m["dataset"]["cases"].append(dict(m["dataset"]["cases"][0]))
 
 
 # (name, edit of the dinomix attribute, what the message must name)

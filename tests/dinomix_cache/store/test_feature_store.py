@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from dinomix_cache.store.feature_store import (
     remove_store,
     validate_attrs,
 )
+from dinomix_cache.store.inspection import _check_array
+from stage1_extract.runner import run_extraction
+from tests.conftest import tiny_settings
 from tests.toy_meta import toy_meta
 
 
@@ -101,7 +105,6 @@ def test_disk_full_leaves_case_incomplete_with_clear_error(tmp_path, monkeypatch
 
 
 def test_checksums_catch_a_flipped_byte(tmp_path):
-    from dinomix_cache.store.inspection import _check_array
 
     store = FeatureStore.create(tmp_path / "s.zarr", make_meta(StoreSettings(compression="none", chunk_slices=4)))
     store.write_case("0001", *case_arrays(), {})
@@ -175,6 +178,19 @@ def test_typed_attributes_and_the_optional_crop_windows_section(tmp_path):
     assert FeatureStore.open(tmp_path / "s.zarr").attrs.crop_windows is None
 
 
+def test_finalize_records_hashes_and_statistics_once_every_case_is_complete(tmp_path):
+    store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
+    source = {"image": "img.nii.gz", "image_sha256": "2" * 64}
+    store.write_case("0001", *case_arrays(), {"role": "labeled", "source": source, "class_voxels": [7, 2, 1]})
+    assert store.case_source("0001") == source and store.case_source("0002") == {}
+    assert not store.finalize() and store.class_voxels() is None
+    assert store.meta["dataset"]["cases"][0] == {"id": "0001", "role": "labeled", "image_sha256": "2" * 64,
+                                                 "label_sha256": None}
+    store.write_case("0002", *case_arrays(1), {"role": "unlabeled", "class_voxels": [1, 1, 1]})
+    assert store.finalize() and store.attrs.extraction.complete and store.attrs.extraction.finished
+    np.testing.assert_array_equal(store.class_voxels(), [7, 2, 1])  # labeled cases only
+
+
 def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
     store = FeatureStore.create(tmp_path / "s.zarr", make_meta())
     store.write_case("0001", *case_arrays(), {"role": "labeled"})
@@ -190,12 +206,6 @@ def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
 
 def test_a_zero_fill_store_with_deleted_chunks_is_refused_on_read(phantom_dir, tmp_path):
     # Stores written before NaN fill values read a deleted chunk as zeros: their chunks are counted.
-    import shutil
-
-    from conftest import tiny_settings
-
-    from stage1_extract.runner import run_extraction
-
     out = tmp_path / "s.zarr"
     run_extraction(tiny_settings(phantom_dir, out, cases=("0001",)))
     meta_file = out / "features" / "0001" / "zarr.json"

@@ -93,7 +93,7 @@ def test_bad_input_is_refused(train_store, phantom_dir, tmp_path):
     from dinomix_cache.store.feature_store import FeatureStore
 
     store = FeatureStore.open(other, mode="r+")
-    store.update_meta(producer={**store.meta["producer"], "created": "another time"})
+    store.update_meta(producer=store.attrs.producer.model_copy(update={"created": "another time"}))
     with pytest.raises(UserError, match="another store"):
         train(None, resume=run, cache=other)
     with pytest.raises(UserError, match="already holds a run"):
@@ -105,14 +105,15 @@ def _copy_with_meta(store, dest, **sections):
 
     shutil.copytree(store, dest)
     copy = FeatureStore.open(dest, mode="r+")
-    copy.update_meta(**{k: v(copy.meta) for k, v in sections.items()})
+    copy.update_meta(**{k: v(copy.attrs) for k, v in sections.items()})
     return dest
 
 
 def test_store_without_labeled_cases_is_refused(train_store, tmp_path):
-    def unlabeled(meta):
-        cases = [{**c, "role": "unlabeled" if c["role"] == "labeled" else c["role"]} for c in meta["dataset"]["cases"]]
-        return {**meta["dataset"], "cases": cases}
+    def unlabeled(attrs):
+        cases = [c.model_copy(update={"role": "unlabeled" if c.role == "labeled" else c.role})
+                 for c in attrs.dataset.cases]
+        return attrs.dataset.model_copy(update={"cases": cases})
 
     store = _copy_with_meta(train_store, tmp_path / "nolab.zarr", dataset=unlabeled)
     with pytest.raises(UserError, match="no labeled cases"):
@@ -124,8 +125,8 @@ def test_resume_with_other_classes_is_refused(train_store, tmp_path):
     run = train(small(train_store, tmp_path / "r"), max_steps=1)
     before = (run / "latest.pt").read_bytes()
 
-    def renamed(meta):
-        return {**meta["dataset"], "class_names": [*meta["dataset"]["class_names"][:-1], "kidney_cyst"]}
+    def renamed(attrs):
+        return attrs.dataset.model_copy(update={"class_names": [*attrs.class_names[:-1], "kidney_cyst"]})
 
     other = _copy_with_meta(train_store, tmp_path / "classes.zarr", dataset=renamed)
     with pytest.raises(UserError, match="has classes .*kidney_cyst.* but .* was trained on"):
@@ -134,8 +135,8 @@ def test_resume_with_other_classes_is_refused(train_store, tmp_path):
 
 
 def test_teacher_that_cannot_be_loaded(train_store, tmp_path):
-    def moved(meta):
-        return {**meta["teacher"], "source": str(tmp_path / "no-such-teacher")}
+    def moved(attrs):
+        return attrs.teacher.model_copy(update={"source": str(tmp_path / "no-such-teacher")})
 
     store = _copy_with_meta(train_store, tmp_path / "moved.zarr", teacher=moved)
     for targets in ("hybrid", "online"):
