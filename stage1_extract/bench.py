@@ -21,7 +21,8 @@ import torch
 from dinomix_cache.data.preprocess import load_case
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import Teacher, load_teacher
-from stage1_extract.runner import extract_cases, open_or_create_store, prepare_dataset, store_meta
+from stage1_extract.pipeline import extract_cases
+from stage1_extract.runner import open_or_create_store, prepare_dataset, store_meta
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward
 

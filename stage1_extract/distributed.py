@@ -17,7 +17,7 @@ the client writes statistics and marks the store complete after the last task, a
 
 Results are bit-identical to the in-process pipeline (features, volumes, statistics,
 attributes; tested on CPU): each task reproduces the pipeline's batch sizes and rows for its case
-(:func:`~stage1_extract.runner.case_batch_plan`), zeros in the rows of neighbouring cases, and
+(:func:`~stage1_extract.pipeline.case_batch_plan`), zeros in the rows of neighbouring cases, and
 runs single-threaded forwards as the pipeline does on a CPU with the default ``teacher_streams``.
 The padding costs up to two extra batches per case, none when ``batch_size`` divides the depth
 (e.g. 16 or 40 for 80 slices). On a CPU a task has only as many parallel forwards as its case has
@@ -53,8 +53,8 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore, settings_to_json
 from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
 from stage1_extract.cluster import slots_by_host, wants_gpu
+from stage1_extract.pipeline import CaseInFlight, case_batch_plan, crop_window_geometry, store_case
 from stage1_extract.progress import ExtractionProgress
-from stage1_extract.runner import CaseInFlight, case_batch_plan, crop_window_geometry, store_case
 from stage1_extract.settings import ExtractSettings
 from stage1_extract.streams import default_streams, streamed_forward
 from stage1_extract.windows import slice_forward
@@ -283,7 +283,7 @@ def forward_case(teacher: Teacher, state: CaseInFlight, plan: list[tuple[int, in
     Args:
         teacher: the loaded teacher.
         state: the case; its image (D, H, W) is read, its features (D, h, w, C) written.
-        plan: from :func:`~stage1_extract.runner.case_batch_plan`; rows of other cases are zeros
+        plan: from :func:`~stage1_extract.pipeline.case_batch_plan`; rows of other cases are zeros
             (measured: they do not change this case's rows, only the batch length does).
         streams: parallel forwards (:func:`~stage1_extract.streams.streamed_forward`).
         forward: the batch forward (default: the slice tokens only, ``slice_forward(teacher, None)``).

@@ -72,7 +72,7 @@ class CaseArrays(StoreAttributes):
 
     def case_source(self, case_id: str) -> dict[str, Any]:
         """What a case records of its source files: paths relative to the dataset folder, their
-        sha256, the image's affine (see ``stage1_extract.runner.case_meta``); ``{}`` when it records none."""
+        sha256, the image's affine (see ``stage1_extract.pipeline.case_meta``); ``{}`` when it records none."""
         source = (self.case_attrs(case_id) or {}).get("source")
         return source if isinstance(source, dict) else {}
 

@@ -20,7 +20,8 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.inspection import verify_store
 from stage1_extract.cluster import start_local_cluster
-from stage1_extract.runner import _batches, case_batch_plan, run_extraction
+from stage1_extract.pipeline import _batches, case_batch_plan
+from stage1_extract.runner import run_extraction
 from tests.conftest import TINY_PHANTOM, TINY_SHAPE, tiny_settings
 
 # Time-like attributes, and the settings that necessarily differ between the two runs.
