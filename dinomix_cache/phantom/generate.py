@@ -34,6 +34,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from scipy.ndimage import gaussian_filter
 
 from dinomix_cache.atomic import write_atomic
@@ -336,9 +338,6 @@ def generate_phantom(root: Path, settings: PhantomSettings = PhantomSettings(), 
 
 def _write_cases(root: Path, settings: PhantomSettings, progress: bool) -> dict[str, dict[str, str]]:
     """Render cases on this thread while a second thread compresses and writes the previous one."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     cases: dict[str, dict[str, str]] = {}
     bar = Progress(TextColumn("[bold]phantom[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=Console(stderr=True), disable=not progress)

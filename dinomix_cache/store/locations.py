@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import zarr
+from fsspec.core import url_to_fs
+from fsspec.registry import known_implementations, registry
 from zarr.storage import FsspecStore
 
 from dinomix_cache.errors import UserError
@@ -54,8 +56,6 @@ def as_location(location: Path | str) -> Path | str:
 
 
 def _fsspec_protocols() -> set[str]:
-    from fsspec.registry import known_implementations, registry
-
     return {*known_implementations, *registry}
 
 
@@ -130,8 +130,6 @@ def fsspec_du(url: str, sub: str, storage_options: dict[str, Any] | None) -> int
     if url_protocols(url) & {"http", "https"}:
         return None
     try:
-        from fsspec.core import url_to_fs
-
         fs, root = url_to_fs(url, **(storage_options or {}))
         target = f"{root.rstrip('/')}/{sub}" if sub else root
         return int(fs.du(target, total=True)) if fs.exists(target) else 0

@@ -20,6 +20,8 @@ import zipfile
 from pathlib import Path
 
 import zarr
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
@@ -128,9 +130,6 @@ def _consolidated_root(metadata: dict[str, bytes]) -> bytes:
 
 def _write_zip(path: Path, store: FeatureStore, metadata: dict[str, bytes], chunks: list[str],
                progress: bool) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     def add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
         info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
         info.compress_type = zipfile.ZIP_STORED

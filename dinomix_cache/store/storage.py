@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs.numcodecs import BitRound
 from zarr.errors import ZarrUserWarning
 
 from dinomix_cache.errors import UserError
@@ -74,7 +75,5 @@ def array_codecs(settings: StoreSettings, features: bool) -> dict[str, Any]:
         blosc = BloscCodec(cname="lz4" if features else "zstd", clevel=5 if features else 1, shuffle="shuffle")
     out: dict[str, Any] = {"compressors": [blosc, Crc32cCodec()]}
     if lossy:
-        from zarr.codecs.numcodecs import BitRound
-
         out["filters"] = [BitRound(keepbits=settings.keepbits)]
     return out

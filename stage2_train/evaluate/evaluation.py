@@ -28,6 +28,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from rich.progress import Progress
 
 from dinomix_cache.atomic import atomic_path, remove_stale_temporaries, write_atomic
 from dinomix_cache.data.classes import class_abbreviations
@@ -224,7 +225,6 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
             raise UserError(f"{model.run} has classes {model.class_names}, {models[0].run} has {class_names}: "
                             "evaluate runs of one dataset together")
     labels = class_abbreviations(class_names)
-    from rich.progress import Progress
 
     runs: list[dict[str, Any]] = []
     shown: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None = None

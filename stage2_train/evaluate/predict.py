@@ -43,6 +43,8 @@ import nibabel as nib
 import numpy as np
 from isal import igzip
 from nibabel.filebasedimages import ImageFileError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dinomix_cache.atomic import remove_stale_temporaries, write_atomic
 from dinomix_cache.data.datasets import CaseSource
@@ -276,9 +278,6 @@ def predict_paths(inputs: Path, output: Path, preprocess: PreprocessSettings, nu
             :func:`segment_file`; scans before it are already written).
         ValueError: ``segment`` broke its contract.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     jobs = _plan(Path(inputs), Path(output))
     for scan, target in jobs:
         if target.exists() and target.resolve() == scan.resolve():

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dinomix_cache.errors import UserError
 
@@ -189,7 +190,6 @@ class Distributed:
             return student
         for module in frozen:
             module.requires_grad_(False)
-        from torch.nn.parallel import DistributedDataParallel
 
         kwargs: dict[str, Any] = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
         # No buffer broadcast before each forward: buffers are averaged after each step instead

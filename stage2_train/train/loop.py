@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
@@ -330,9 +332,6 @@ class TrainProgress:
     """A rich progress bar over iterations: epoch, step, loss, seconds per step, ETA."""
 
     def __init__(self, total: int, done: int, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self._progress = Progress(
             TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]} · {task.fields[sec]} s/step"), TextColumn("eta"),

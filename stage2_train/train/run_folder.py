@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from dinomix_cache.atomic import atomic_path, remove_stale_temporaries, write_atomic
 from dinomix_cache.errors import UserError, writing
@@ -198,15 +200,13 @@ class RunFolder:
 
     def plot(self) -> Path:
         """Draw ``progress.png``: per-epoch mean of each loss term, and validation mean Dice."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         records = self.records()
         steps = [r for r in records if r.get("kind") == "step"]
         epochs = [r for r in records if r.get("kind") == "epoch"]
-        fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+        # A bare Figure on an Agg canvas: no pyplot state or global backend is touched.
+        fig = Figure(figsize=(11, 4))
+        FigureCanvasAgg(fig)
+        ax_loss, ax_dice = fig.subplots(1, 2)
         terms = sorted({k for r in steps for k in r if k in ("sup", "sup_aux", "unsup", "unsup_aux", "distill",
                                                                  "total")})
         for term in terms:
@@ -224,9 +224,6 @@ class RunFolder:
         ax_dice.set(xlabel="epoch", ylabel="mean Dice (%)", title="validation (eval split, centre crop)")
         fig.tight_layout()
         out = self.path / "progress.png"
-        try:
-            with writing(out):
-                fig.savefig(out, dpi=100)
-        finally:
-            plt.close(fig)
+        with writing(out):
+            fig.savefig(out, dpi=100)
         return out
