@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from dinomix_cache.store.feature_store import (
     remove_store,
     validate_attrs,
 )
+from tests.corpus import copy_store
 from tests.toy_meta import toy_meta
 
 
@@ -188,16 +190,9 @@ def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
         reopened.read_volume("0001", "label")
 
 
-def test_a_zero_fill_store_with_deleted_chunks_is_refused_on_read(phantom_dir, tmp_path):
+def test_a_zero_fill_store_with_deleted_chunks_is_refused_on_read(good_store, tmp_path):
     # Stores written before NaN fill values read a deleted chunk as zeros: their chunks are counted.
-    import shutil
-
-    from conftest import tiny_settings
-
-    from stage1_extract.runner import run_extraction
-
-    out = tmp_path / "s.zarr"
-    run_extraction(tiny_settings(phantom_dir, out, cases=("0001",)))
+    out = copy_store(good_store, tmp_path / "s.zarr")
     meta_file = out / "features" / "0001" / "zarr.json"
     meta = json.loads(meta_file.read_text())
     meta["fill_value"] = 0.0
