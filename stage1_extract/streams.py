@@ -1,11 +1,10 @@
 """Teacher forwards on parallel streams, results in submission order.
 
 On a CPU the teacher runs as one single-threaded stream per core, all sharing the same frozen
-weights, rather than as one stream whose matrix products are split across cores. Measured on the
-2-core development machine (random:vits16, 160×160, batch 32): 50.4 slices/s for 2 × 1 thread
-against 47.8 for 1 × 2 threads. More important, a split product waits at every barrier for its
-slowest core, so whenever a reader thread borrows one core the other core idles too; separate
-streams lose only the borrowed core. On a GPU one stream feeds the device.
+weights, rather than as one stream whose matrix products are split across cores: it was a little
+faster alone (``docs/measurements.md``), and, more important, a split product waits at every barrier
+for its slowest core, so whenever a reader thread borrows one core the other core idles too;
+separate streams lose only the borrowed core. On a GPU one stream feeds the device.
 """
 
 from __future__ import annotations

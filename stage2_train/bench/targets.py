@@ -69,8 +69,8 @@ def bench_targets(settings: TrainSettings, steps: int = 5, warmup: int = 1) -> d
             make_policy(mode, store, volumes, None if mode == "cache" else teacher, view=view))
         runs[mode] = (DinoMixIteration(run, store, volumes, policy, device),  # type: ignore[arg-type]
                       TrainState.seeded(settings.seed), policy)
-    # Round robin, one step of each mode per round: the machine's drift (±10 % over minutes here)
-    # then weighs on every mode alike instead of on whichever ran last.
+    # Round robin, one step of each mode per round: the machine's speed drifts over minutes, and the
+    # drift then weighs on every mode alike instead of on whichever ran last.
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(warmup + steps):
         for mode, (iteration, state, _) in runs.items():

@@ -1,6 +1,6 @@
 """A trained run's student as a segmenter: checkpoint loading and sliding-window inference.
 
-The protocol is the peers' (``METHOD.md``, "Inference and metrics"): windows of the run's training
+The protocol is the peers' (``docs/protocol.md``, "Evaluation"): windows of the run's training
 crop (64×128×128 in the paper) start every ``stride`` voxels (16 slices × 32 × 32 by default), the
 last one on each axis clamped to end at the border; each window's softmax of the student's *main*
 head is summed into the volume with uniform weights and divided by the per-voxel count; argmax.

@@ -1,14 +1,14 @@
 """One DINO-Mix training iteration and the state it needs, resumable bit for bit.
 
-Per iteration (METHOD.md): labeled crops and weak unlabeled crops → the EMA teacher's pseudo-labels
-(main and auxiliary heads) → strong view (random gamma) → PIC mixes a box of a labeled crop into
-each unlabeled crop → one student forward on [labeled, x_mix] →
+Per iteration (``docs/method.md``, "One step"): labeled crops and weak unlabeled crops → the EMA
+teacher's pseudo-labels (main and auxiliary heads) → strong view (random gamma) → PIC mixes a box of
+a labeled crop into each unlabeled crop → one student forward on [labeled, x_mix] →
 ``L = L_sup + L_sup^aux + L_distill + λ (L_unsup + L_unsup^aux)`` → SGD step → EMA update.
 
 Every random draw comes from generators held in :class:`TrainState` (numpy for crops, plans and
 PIC; torch for gamma, aux masks and dropout), saved in checkpoints, so K iterations straight and
 K/2 + resume + K/2 give identical weights. Under ``torchrun`` each rank trains on its share of every
-iteration's cases with its own generators (``stage2_train/distributed.py``).
+iteration's cases with its own generators (``stage2_train/train/distributed.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Losses of DINO-Mix (Eq. 1 and Eq. 5): Dice + CE, the masked auxiliary (class-balance) loss,
 the feature distillation loss, pseudo-labels, and the aux Bernoulli masks.
 
-Segmentation loss convention (DHC / SKCDF ``DC_and_CE_loss``, PROTOCOL 1.9):
+Segmentation loss convention (DHC / SKCDF ``DC_and_CE_loss``):
 ``L = 1·CE + 1·Dice``, CE the voxel mean of ``nn.CrossEntropyLoss`` on logits, Dice the soft batch Dice
 over the foreground classes on the softmax:
 ``dc_c = (2 tp_c + 1) / (2 tp_c + fp_c + fn_c + 1)`` with tp/fp/fn summed over batch and space and
@@ -260,7 +260,7 @@ class MaskedSegLoss(nn.Module):
         :class:`SegLoss` on the kept voxels gathered into a smaller tensor. All voxels masked → 0
         (with a graph, zero gradient, no NaN).
 
-        ``"skcdf"``: SKCDF's behaviour (PROTOCOL 2.2): logits and labels are multiplied by the mask,
+        ``"skcdf"``: SKCDF's behaviour (``docs/method.md``, "Decisions"): logits and labels are multiplied by the mask,
         then the plain Dice + CE is taken. A masked voxel has zero logits (uniform softmax 1/C) and
         target 0 (background): it gives no gradient but still counts in the CE mean (adding log C)
         and adds 1/C false-positive mass to every foreground class in the Dice. An all-masked batch

@@ -31,7 +31,7 @@ __all__ = [
 CELL = 16  # crop voxels per student cell on every axis (stride of the deepest map)
 MAPPINGS = ("area", "bilinear")
 # Area weights cover each cell exactly; bilinear samples the token grid at the cell centre. They
-# agree for 16-pixel tokens and area is closer whenever a token is not 16 pixels (README, "Targets").
+# agree for 16-pixel tokens and area is closer whenever a token is not 16 pixels (docs/measurements.md).
 DEFAULT_MAPPING = "area"
 
 

@@ -69,8 +69,8 @@ class TrainSettings:
             ``voxel`` in the slice view, which is exact at any offset, and ``token`` in the crop view,
             where other offsets take the nearest stored window (approximate).
         dropout: the VNet's Dropout3d(0.5) on x5 and the last decoder feature (DHC). Off in
-            ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a batch of
-            two crops then stayed at 6 % Dice after 150 steps (22 % after 100 without it).
+            ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a student
+            trained with it stayed far behind one without (``docs/measurements.md``).
     """
 
     cache: Path | str
@@ -161,7 +161,7 @@ def with_saved_defaults(data: object) -> object:
 
 def preset(name: str, cache: Path | str) -> TrainSettings:
     """The named preset: ``paper`` (the paper's settings) or ``cpu-small`` (width 4, 32x64x64 crops,
-    no dropout, 30 epochs of 8 iterations: 1.5-3 minutes on 2 CPU cores, for demos; not for accuracy)."""
+    no dropout, 30 epochs of 8 iterations: minutes on a CPU, for demos; not for accuracy)."""
     if name == "paper":
         return TrainSettings(cache=cache)
     if name == "cpu":

@@ -14,6 +14,7 @@ import zarr
 from typer.testing import CliRunner
 
 from dinomix_cache.cli.app import app
+from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.lock import StoreLock
 
 runner = CliRunner()
@@ -207,6 +208,11 @@ def test_verify_reports_a_damaged_store(tmp_path):
     assert "case_004.nii.gz changed since extraction" in result.stderr
 
 
-def test_help_explains_lossy_error_bound():
+def test_lossy_compression_options_reach_the_store(tmp_path):
     result = runner.invoke(app, ["extract", "--help"])
-    assert result.exit_code == 0 and "0.39" in result.output
+    assert result.exit_code == 0 and "--keepbits" in result.output and "lossy" in result.output
+    data = write_msd(tmp_path / "msd")
+    result, _ = extract_msd(data, tmp_path / "s.zarr", "--compression", "lossy", "--keepbits", "5")
+    assert result.exit_code == 0, result.output
+    storage = FeatureStore.open(tmp_path / "s.zarr").attrs.storage
+    assert (storage.compression, storage.keepbits) == ("lossy", 5)

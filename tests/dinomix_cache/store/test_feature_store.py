@@ -20,8 +20,7 @@ from dinomix_cache.store.feature_store import (
     validate_attrs,
 )
 from dinomix_cache.store.inspection import _check_array
-from stage1_extract.runner import run_extraction
-from tests.conftest import tiny_settings
+from tests.corpus import copy_store
 from tests.toy_meta import toy_meta
 
 
@@ -204,10 +203,9 @@ def test_a_missing_chunk_reads_as_nan_and_is_refused_naming_the_case(tmp_path):
         reopened.read_volume("0001", "label")
 
 
-def test_a_zero_fill_store_with_deleted_chunks_is_refused_on_read(phantom_dir, tmp_path):
+def test_a_zero_fill_store_with_deleted_chunks_is_refused_on_read(good_store, tmp_path):
     # Stores written before NaN fill values read a deleted chunk as zeros: their chunks are counted.
-    out = tmp_path / "s.zarr"
-    run_extraction(tiny_settings(phantom_dir, out, cases=("0001",)))
+    out = copy_store(good_store, tmp_path / "s.zarr")
     meta_file = out / "features" / "0001" / "zarr.json"
     meta = json.loads(meta_file.read_text())
     meta["fill_value"] = 0.0

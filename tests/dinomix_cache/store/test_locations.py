@@ -24,20 +24,18 @@ import zarr
 from typer.testing import CliRunner
 
 from dinomix_cache.cli.app import app
-from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.inspection import verify_store
 from dinomix_cache.store.locations import as_location
 from dinomix_cache.store.pack import pack_store
-from stage1_extract.runner import run_extraction
 from stage2_train.evaluate.evaluation import EvaluateSettings, evaluate
 from stage2_train.train.loop import train
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.settings import TrainSettings
-from tests.conftest import tiny_settings
+from tests.corpus import copy_store
+from tests.tiny import tiny_train
 
-SHAPE = (32, 64, 64)
 runner = CliRunner()
 
 
@@ -69,10 +67,11 @@ class Backlogged(ThreadingHTTPServer):
 
 
 @pytest.fixture(scope="module")
-def served(phantom_dir, tmp_path_factory) -> Iterator[Server]:
-    """A complete tiny store ``s.zarr`` in a folder served over HTTP on an ephemeral port."""
+def served(wide_store, tmp_path_factory) -> Iterator[Server]:
+    """A complete tiny store ``s.zarr`` (a copy of the session's, which tests here change) in a folder
+    served over HTTP on an ephemeral port."""
     root = tmp_path_factory.mktemp("served")
-    run_extraction(tiny_settings(phantom_dir, root / "s.zarr", preprocess=PreprocessSettings(target_shape=SHAPE)))
+    copy_store(wide_store, root / "s.zarr")
     server = Server(root)
     httpd = Backlogged(("127.0.0.1", 0), functools.partial(_handler(server), directory=str(root)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -90,8 +89,7 @@ def packed(served, tmp_path_factory) -> Path:
 
 
 def small(cache, out: Path) -> TrainSettings:
-    return TrainSettings(cache=cache, out=out, width=2, crop=(16, 32, 32), epochs=4, checkpoint_every=1,
-                         targets="cache")
+    return tiny_train(cache, out, targets="cache")
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -8,21 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from dinomix_cache.cli.app import app
-from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
-from stage1_extract.runner import run_extraction
 from stage2_train.bench.ablation import ROWS, AblationSettings, row_settings, run_ablation
 from stage2_train.train.run_folder import RunFolder
-from tests.conftest import tiny_settings
-
-SHAPE = (16, 32, 32)
 
 
 @pytest.fixture(scope="module")
-def store(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablation") / "s.zarr"
-    run_extraction(tiny_settings(phantom_dir, out, preprocess=PreprocessSettings(target_shape=SHAPE)))
-    return out
+def store(good_store):
+    """The session's tiny store (16 x 32 x 32); the ablation only reads it."""
+    return good_store
 
 
 def test_rows_are_the_papers_switches(store, tmp_path):

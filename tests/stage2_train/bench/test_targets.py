@@ -8,8 +8,8 @@ from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.teacher.model import TeacherSettings
 from stage1_extract.runner import run_extraction
 from stage2_train.bench.targets import bench_targets
-from stage2_train.train.settings import TrainSettings
 from tests.conftest import tiny_settings
+from tests.tiny import tiny_train
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def ctx_store(phantom_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("view", ["slice", "crop"])
 def test_bench_targets_reports_time_fidelity_recompute_and_context(ctx_store, view):
-    settings = TrainSettings(cache=ctx_store, width=2, crop=(16, 32, 32), epochs=4, teacher_view=view)
+    settings = tiny_train(ctx_store, teacher_view=view)
     result = bench_targets(settings, steps=1)
     assert list(result) == ["teacher", "view", "no_fkd", "online", "cache", "hybrid", "cross_view"]
     assert result["view"] == view and result["teacher"]["label"] == "random, not pretrained"

@@ -9,24 +9,19 @@ import shutil
 import numpy as np
 import pytest
 
-from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
-from stage1_extract.runner import run_extraction
 from stage2_train.evaluate.evaluation import EvaluateSettings, evaluate
 from stage2_train.train.loop import train
-from stage2_train.train.settings import TrainSettings
-from tests.conftest import tiny_settings
+from tests.tiny import tiny_train
 
 
 @pytest.fixture(scope="module")
-def three_runs(phantom_dir, tmp_path_factory):
+def three_runs(wide_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    store = root / "s.zarr"
-    run_extraction(tiny_settings(phantom_dir, store, preprocess=PreprocessSettings(target_shape=(32, 64, 64))))
+    store = wide_store
     runs = []
     for seed in (0, 1, 666):
-        settings = TrainSettings(cache=store, out=root / f"seed{seed}", width=2, crop=(16, 32, 32), epochs=1,
-                                 checkpoint_every=100, seed=seed, targets="cache")
+        settings = tiny_train(store, root / f"seed{seed}", epochs=1, checkpoint_every=100, seed=seed, targets="cache")
         runs.append(train(settings, max_steps=2))
     return store, runs
 

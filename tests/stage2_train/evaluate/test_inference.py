@@ -8,13 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
-from stage1_extract.runner import run_extraction
 from stage2_train.evaluate.inference import InferenceSettings, load_run_model, sliding_window_probabilities
 from stage2_train.train.loop import train
-from stage2_train.train.settings import TrainSettings
-from tests.conftest import tiny_settings
+from tests.tiny import tiny_train
 
 
 class IntensityOracle(torch.nn.Module):
@@ -59,11 +56,9 @@ def test_too_small_or_not_3d_is_refused():
                                      torch.device("cpu"))
 
 
-def test_load_run_model_segments_like_the_trained_student(phantom_dir, tmp_path):
-    store = tmp_path / "s.zarr"
-    run_extraction(tiny_settings(phantom_dir, store, preprocess=PreprocessSettings(target_shape=(32, 64, 64))))
-    settings = TrainSettings(cache=store, out=tmp_path / "run", width=2, crop=(16, 32, 32), epochs=2,
-                             checkpoint_every=100)
+def test_load_run_model_segments_like_the_trained_student(wide_store, tmp_path):
+    store = wide_store
+    settings = tiny_train(store, tmp_path / "run", epochs=2, checkpoint_every=100)
     with pytest.raises(UserError, match="not a run folder"):
         load_run_model(tmp_path / "run")
     run = train(settings, max_steps=2)

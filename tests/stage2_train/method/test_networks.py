@@ -77,7 +77,7 @@ def _conv_bn(c_in: int, c_out: int, k: int) -> int:
 
 
 def _vnet_parameters(in_channels: int, num_classes: int, w: int, heads: int) -> int:
-    """Analytic count for the DHC VNet as described in PROTOCOL.md 1.6."""
+    """Analytic count for the DHC VNet as described in docs/protocol.md ("The VNet")."""
     enc = _conv_bn(in_channels, w, 3)  # block one: 1 conv
     enc += _conv_bn(w, 2 * w, 2) + 2 * _conv_bn(2 * w, 2 * w, 3)
     enc += _conv_bn(2 * w, 4 * w, 2) + 3 * _conv_bn(4 * w, 4 * w, 3)
@@ -96,7 +96,7 @@ def test_parameter_count_width_32_matches_analytic_formula():
         model = VNet(in_channels=1, num_classes=NUM_CLASSES, width=32)
         student = DinoMixStudent(NUM_CLASSES, teacher_channels=384, width=32)
     one_head = _vnet_parameters(1, NUM_CLASSES, 32, heads=1)
-    assert round(one_head / 1e6, 1) == 37.8  # PROTOCOL.md 1.6: the peers' VNet (one head)
+    assert round(one_head / 1e6, 1) == 37.8  # docs/protocol.md, "The VNet": the peers' VNet (one head)
     assert count_parameters(model) == _vnet_parameters(1, NUM_CLASSES, 32, heads=2)
     assert count_parameters(model) - one_head == _conv(32, NUM_CLASSES, 1)  # the aux head only
     assert count_parameters(student) == count_parameters(model) + _conv(512, 384, 1)

@@ -30,6 +30,7 @@ from stage2_train.train.loop import open_training_store, train
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.settings import TrainSettings
 from tests.conftest import tiny_settings
+from tests.tiny import tiny_train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 RUN_FILES = {"settings.json", "store.json", "log.jsonl", "latest.pt", "best.pt", "progress.png"}
@@ -49,7 +50,7 @@ def ddp_store(phantom_dir, tmp_path_factory):
 
 
 def small_settings(store: Path) -> TrainSettings:
-    return TrainSettings(cache=store, width=2, crop=(16, 32, 32), epochs=8)
+    return tiny_train(store, epochs=8)
 
 
 def torchrun(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,22 +13,19 @@ from dinomix_cache.errors import UserError
 from stage1_extract.runner import run_extraction
 from stage2_train.train.loop import train
 from stage2_train.train.run_folder import RunFolder
-from stage2_train.train.settings import TrainSettings
 from tests.conftest import tiny_settings
+from tests.tiny import tiny_train
 
 SHAPE = (32, 64, 64)
 
 
 @pytest.fixture(scope="module")
-def train_store(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "s.zarr"
-    run_extraction(tiny_settings(phantom_dir, out, preprocess=PreprocessSettings(target_shape=SHAPE)))
-    return out
+def train_store(wide_store):
+    """The session's store at SHAPE; tests that change a store change a copy."""
+    return wide_store
 
 
-def small(store, out, **changes) -> TrainSettings:
-    base = TrainSettings(cache=store, out=out, width=2, crop=(16, 32, 32), epochs=4, checkpoint_every=1)
-    return replace(base, **changes)
+small = tiny_train  # (store, out, **changes): the tiny run every test here starts from
 
 
 def weights(run) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from stage2_train.train.precision import (
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.settings import PRESETS, TrainSettings, preset
 from tests.conftest import tiny_settings
+from tests.tiny import tiny_train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -143,8 +144,7 @@ def _weights(run):
 
 
 def test_run_records_resolved_precision_and_resumes_bit_exact(deep_store, tmp_path):
-    base = TrainSettings(cache=deep_store, width=2, crop=(48, 32, 32), epochs=4, checkpoint_every=1,
-                         targets="cache")
+    base = tiny_train(deep_store, crop=(48, 32, 32), targets="cache")
     straight = train(replace(base, out=tmp_path / "a"), max_steps=4)
     saved = json.loads((straight / "settings.json").read_text())
     expected = resolve_precision("auto", CPU, 2, (48, 32, 32), 4)
@@ -163,6 +163,6 @@ def test_explicit_bf16_with_wrong_convolutions_is_refused(deep_store, tmp_path, 
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
     monkeypatch.setattr(precision, "cpu_bf16_problem", lambda *a: "Conv3d 8->8 kernel 3x3x3 off by inf")
     with pytest.raises(UserError, match="--precision float32"):
-        train(TrainSettings(cache=deep_store, out=tmp_path / "r", width=2, crop=(48, 32, 32), epochs=1,
-                            precision="bfloat16", targets="cache"), max_steps=1)
+        train(tiny_train(deep_store, tmp_path / "r", crop=(48, 32, 32), epochs=1, precision="bfloat16",
+                         targets="cache"), max_steps=1)
     assert not (tmp_path / "r").exists()
