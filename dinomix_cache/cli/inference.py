@@ -1,4 +1,4 @@
-"""The ``evaluate`` and ``predict`` verbs (registered on :data:`dinomix_cache.cli.app.app`)."""
+"""The ``evaluate`` and ``predict`` verbs: a run folder's student on a split, or on any CT."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dinomix_cache.cli.app import _setup_logging, app, err, out, parse_shape, user_errors
+from dinomix_cache.cli.common import err, out, parse_shape, setup_logging, user_errors
 from dinomix_cache.errors import UserError
+from stage2_train.evaluate.evaluation import EvaluateSettings
+from stage2_train.evaluate.evaluation import evaluate as run_evaluation
+from stage2_train.evaluate.inference import InferenceSettings, load_run_model
+from stage2_train.evaluate.predict import predict_paths
 
 StrideOpt = typer.Option("16x32x32", "--stride", help="Sliding-window stride D x H x W in voxels (the peers' "
                          "16 slices x 32 x 32).")
@@ -18,7 +22,6 @@ CheckpointOpt = typer.Option("best", "--checkpoint", help="best (best validation
 BatchOpt = typer.Option(4, "--sw-batch-size", help="Windows per forward pass (more is faster on a GPU).")
 
 
-@app.command()
 @user_errors
 def evaluate(
     run: list[Path] = typer.Option(..., "--run", help="A run folder; repeat for several seeds (mean ± std)."),
@@ -42,9 +45,7 @@ def evaluate(
 
     Writes results.json, cases.csv, results.md, dice.png and qualitative.png, and prints the table.
     """
-    _setup_logging()
-    from stage2_train.evaluate.evaluation import EvaluateSettings
-    from stage2_train.evaluate.evaluation import evaluate as run_evaluation
+    setup_logging()
 
     settings = EvaluateSettings(runs=tuple(run), split=split, out=out_path, cache=cache, data=data,
                                 checkpoint=checkpoint, stride=parse_shape(stride, 3, "--stride"),  # type: ignore[arg-type]
@@ -80,7 +81,6 @@ def results_table(result: dict) -> Table:
     return table
 
 
-@app.command()
 @user_errors
 def predict(
     run: Path = typer.Option(..., "--run", help="The run folder whose student segments."),
@@ -98,9 +98,7 @@ def predict(
     The CT is preprocessed exactly as the run's store recorded; the labels are mapped back to the
     input's own grid and orientation and written as uint8 NIfTI with its affine and header.
     """
-    _setup_logging()
-    from stage2_train.evaluate.inference import InferenceSettings, load_run_model
-    from stage2_train.evaluate.predict import predict_paths
+    setup_logging()
 
     if not input_path.exists():
         raise UserError(f"{input_path} does not exist: pass a .nii/.nii.gz file or a folder of them")
