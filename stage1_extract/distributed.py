@@ -49,7 +49,8 @@ import torch
 from dinomix_cache.data.datasets import CaseSource, DatasetSpec
 from dinomix_cache.data.preprocess import load_case
 from dinomix_cache.errors import UserError
-from dinomix_cache.store.feature_store import FeatureStore, settings_to_json
+from dinomix_cache.settings_codec import settings_to_json
+from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
 from stage1_extract.progress import ExtractionProgress
 from stage1_extract.runner import CaseInFlight, case_batch_plan, crop_window_geometry, store_case

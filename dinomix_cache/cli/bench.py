@@ -26,10 +26,10 @@ from dinomix_cache.cli.extract import (
     TeacherOpt,
     build_extract_settings,
 )
-from dinomix_cache.errors import UserError
 from stage1_extract.bench import bench_extract
 from stage2_train.bench.ablation import ROWS, SEEDS, AblationSettings, run_ablation
 from stage2_train.bench.targets import bench_targets
+from stage2_train.train.settings import TrainSettings
 from stage2_train.train.settings import preset as make_preset
 
 
@@ -79,9 +79,10 @@ def bench_targets_cmd(
     steps: int = typer.Option(20, "--steps", help="Timed iterations per policy, interleaved (after the warm-up)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed rounds of every policy first (the first fills the "
                                "feature memory)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for every policy)."),
-    teacher_view: str = typer.Option("slice", "--teacher-view", help="slice or crop (see train); crop needs a "
-                                     "store made with --crop-windows for cache and hybrid."),
+    seed: int = typer.Option(TrainSettings.seed, "--seed", help="Seed of the sampled batches (the same for every "
+                             "policy)."),
+    teacher_view: str = typer.Option(TrainSettings.teacher_view, "--teacher-view", help="slice or crop (see train); "
+                                     "crop needs a store made with --crop-windows for cache and hybrid."),
     crop_grid: str | None = typer.Option(None, "--crop-grid", help="In-plane crop offsets: voxel or token (see "
                                          "train; default: the view's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
@@ -92,13 +93,8 @@ def bench_targets_cmd(
     the same batches: how much the definition matters for this teacher) and the teacher's context
     cosine (1.0 = blind to context: then every fidelity figure is 1.0 whatever the code does)."""
     setup_logging()
-
-
-    try:
-        settings = replace(make_preset(preset, cache), seed=seed, teacher_view=teacher_view, crop_grid=crop_grid,
-                           **({"crop": parse_shape(crop, 3, "--crop")} if crop else {}))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    settings = replace(make_preset(preset, cache), seed=seed, teacher_view=teacher_view, crop_grid=crop_grid,
+                       **({"crop": parse_shape(crop, 3, "--crop")} if crop else {}))
     result = bench_targets(settings, steps=steps, warmup=warmup)
     if as_json:
         print(json.dumps(result))
@@ -110,22 +106,24 @@ def bench_targets_cmd(
 
 @user_errors
 def bench_ablation_cmd(
-    cache: str = typer.Option("storage/phantom-cpu.zarr", "--cache", help="The feature store (the demo's CPU-sized "
+    cache: str = typer.Option(AblationSettings.cache, "--cache", help="The feature store (the demo's CPU-sized "
                               "phantom store by default)."),
-    out_path: Path = typer.Option(Path("runs/ablation"), "--out", help="Benchmark folder: one run folder per row "
+    out_path: Path = typer.Option(AblationSettings.out, "--out", help="Benchmark folder: one run folder per row "
                                   "and seed, evaluation-ROW/, ablation.md, ablation.json."),
-    preset: str = typer.Option("cpu", "--preset", help="Training preset of every row (cpu: the demo's)."),
+    preset: str = typer.Option(AblationSettings.preset, "--preset", help="Training preset of every row (cpu: the "
+                               "demo's)."),
     rows: list[str] | None = typer.Option(None, "--row", help="Only these rows (repeat): labeled-only, consistency, "
                                           "pic, pic-fkd, dino-mix. Default all five."),
     seeds: list[int] | None = typer.Option(None, "--seed", help="Seeds (repeat). Default 0 1 666."),
     epochs: int | None = typer.Option(None, "--epochs", help="E_max of every run (default: the preset's)."),
     width: int | None = typer.Option(None, "--width", help="VNet base width (default: the preset's)."),
     crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (default: the preset's)."),
-    targets: str = typer.Option("hybrid", "--targets", help="Distillation targets of the rows with FKD: hybrid, "
-                                "cache or online."),
+    targets: str = typer.Option(AblationSettings.targets, "--targets", help="Distillation targets of the rows "
+                                "with FKD: hybrid, cache or online."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop every run after this many steps (smoke "
                                          "runs; the schedule still spans --epochs)."),
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw each row's dice.png and qualitative.png."),
+    figures: bool = typer.Option(AblationSettings.figures, "--figures/--no-figures", help="Draw each row's "
+                                 "dice.png and qualitative.png."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars while training."),
 ) -> None:
     """The paper's Table 3 on a store: labeled only, consistency only, + PIC, + PIC + FKD, all parts,
@@ -135,10 +133,6 @@ def bench_ablation_cmd(
     after an interruption: finished runs are kept, an unfinished one resumes from its latest checkpoint.
     """
     setup_logging()
-
-
-    if targets not in ("online", "cache", "hybrid"):
-        raise UserError(f"--targets {targets}: choose online, cache or hybrid")
     settings = AblationSettings(cache=cache, out=out_path, preset=preset, rows=tuple(rows or ROWS),
                                 seeds=tuple(seeds or SEEDS), epochs=epochs, width=width,
                                 crop=parse_shape(crop, 3, "--crop") if crop else None, targets=targets,  # type: ignore[arg-type]

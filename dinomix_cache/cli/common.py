@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from dinomix_cache.errors import UserError
 
-__all__ = ["err", "given", "out", "parse_shape", "setup_logging", "user_errors"]
+__all__ = ["err", "given", "out", "parse_shape", "setup_logging", "shape_text", "user_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True)
@@ -57,6 +57,11 @@ def parse_shape(text: str, dims: int, what: str) -> tuple[int, ...]:
     if len(values) != dims or min(values) < 1:
         raise UserError(f"{what} {text!r}: expected {dims} positive integers like {'x'.join(['160'] * dims)}")
     return values
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """(80, 160, 160) → ``"80x160x160"``: a settings default as the option text :func:`parse_shape` reads."""
+    return "x".join(str(v) for v in shape)
 
 
 def given(**values: Any) -> dict[str, Any]:

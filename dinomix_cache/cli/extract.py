@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dinomix_cache.cli.common import err, given, parse_shape, setup_logging, user_errors
+from dinomix_cache.cli.common import err, given, parse_shape, setup_logging, shape_text, user_errors
 from dinomix_cache.data.classes import SYNAPSE_CASE_IDS
 from dinomix_cache.data.datasets import SplitSettings
 from dinomix_cache.data.preprocess import PreprocessSettings
@@ -16,11 +16,12 @@ from dinomix_cache.teacher.model import TeacherSettings
 from stage1_extract.runner import run_extraction
 from stage1_extract.settings import ExtractSettings
 
-DatasetOpt = typer.Option("phantom", "--dataset", help="phantom (built-in, offline), synapse, amos or msd.")
+DatasetOpt = typer.Option(ExtractSettings.dataset, "--dataset",
+                          help="phantom (built-in, offline), synapse, amos or msd.")
 DataOpt = typer.Option(None, "--data", help="Dataset root. Default data/DATASET; the phantom is generated "
                        "there on first use.")
 TeacherOpt = typer.Option(
-    "facebook/dinov3-vits16-pretrain-lvd1689m", "--teacher",
+    TeacherSettings.source, "--teacher",
     help="Hugging Face hub id or local directory of a vision transformer (DINOv3, DINOv2, CLIP, SigLIP/SigLIP2, ViT, "
     "MAE ViT), "
     "or random:NAME for a random-init DINOv3 (labelled 'random, not pretrained'): tiny, vits16, vitb16, vitl16 "
@@ -28,18 +29,22 @@ TeacherOpt = typer.Option(
 LabeledOpt = typer.Option(None, "--labeled", help="Labeled share: synapse 10p|20p|40p (default 20p), "
                           "amos 2p|5p|10p (default 5p), msd/phantom any Np.")
 SplitDirOpt = typer.Option(None, "--split-dir", help="Folder of split lists overriding the shipped ones.")
-SeedOpt = typer.Option(0, "--split-seed", help="Seed of generated splits (msd, phantom with few cases).")
-ShapeOpt = typer.Option("80x160x160", "--target-shape", help="Volume shape D x H x W after preprocessing.")
+SeedOpt = typer.Option(SplitSettings.seed, "--split-seed",
+                       help="Seed of generated splits (msd, phantom with few cases).")
+ShapeOpt = typer.Option(shape_text(PreprocessSettings.target_shape), "--target-shape",
+                        help="Volume shape D x H x W after preprocessing.")
 InputOpt = typer.Option(None, "--input-size", help="Teacher input per slice, H x W pixels (multiple of the "
                         "patch size). Default: the slice size.")
-DtypeOpt = typer.Option("float32", "--dtype", help="Teacher dtype: float32, bfloat16 or float16.")
-DeviceOpt = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-BatchOpt = typer.Option(32, "--batch-size", help="Slices per teacher forward (batches span cases).")
-ReadThreadsOpt = typer.Option(2, "--read-threads", help="In-process: threads reading and preprocessing the next "
+DtypeOpt = typer.Option(TeacherSettings.dtype, "--dtype", help="Teacher dtype: float32, bfloat16 or float16.")
+DeviceOpt = typer.Option(TeacherSettings.device, "--device", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+BatchOpt = typer.Option(ExtractSettings.batch_size, "--batch-size",
+                        help="Slices per teacher forward (batches span cases).")
+ReadThreadsOpt = typer.Option(ExtractSettings.read_threads, "--read-threads",
+                              help="In-process: threads reading and preprocessing the next "
                               "cases while the teacher runs.")
 PhantomCasesOpt = typer.Option(None, "--phantom-cases", help="Phantom: number of cases (default the 30 "
                                "Synapse ids, so the shipped Synapse splits apply).")
-PhantomMatrixOpt = typer.Option(512, "--phantom-matrix", help="Phantom: in-plane voxels per side.")
+PhantomMatrixOpt = typer.Option(PhantomSettings.matrix, "--phantom-matrix", help="Phantom: in-plane voxels per side.")
 
 
 def build_extract_settings(
@@ -87,7 +92,8 @@ def extract(
     target_shape: str = ShapeOpt,
     batch_size: int = BatchOpt,
     workers: int = typer.Option(
-        0, "--workers", help="0: extract in this process. N: start a local dask cluster of N worker processes, "
+        ExtractSettings.workers, "--workers",
+        help="0: extract in this process. N: start a local dask cluster of N worker processes, "
         "one case per task (each process gets 1/N of the cores; with a CUDA teacher, the GPUs). The store is "
         "the same, bit for bit (checked on CPU). On a CPU, one worker per core works best."),
     scheduler: str | None = typer.Option(
@@ -97,15 +103,18 @@ def extract(
     read_threads: int = ReadThreadsOpt,
     cases: list[str] | None = typer.Option(None, "--cases", help="Only these case ids (repeat the option)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete and rebuild an existing store."),
-    volumes: bool = typer.Option(True, "--volumes/--no-volumes", help="Also store the preprocessed image and "
+    volumes: bool = typer.Option(StoreSettings.volumes, "--volumes/--no-volumes",
+                                 help="Also store the preprocessed image and "
                                  "label volumes (training then needs nothing else)."),
     compression: str = typer.Option(
-        "lossless", "--compression",
+        StoreSettings.compression, "--compression",
         help="lossless (Blosc, exact; float16 features barely compress, CT volumes ≈3.4×), "
         "lossy (features rounded to --keepbits mantissa bits, then zstd: relative error ≤ 2^-(keepbits+1), "
         "measured max 0.39 % at keepbits 7) or none."),
-    keepbits: int = typer.Option(7, "--keepbits", help="Mantissa bits kept by --compression lossy (1..9)."),
-    chunk_slices: int = typer.Option(16, "--chunk-slices", help="Slices per stored chunk (a 64-slice crop reads 4-5)."),
+    keepbits: int = typer.Option(StoreSettings.keepbits, "--keepbits",
+                                 help="Mantissa bits kept by --compression lossy (1..9)."),
+    chunk_slices: int = typer.Option(StoreSettings.chunk_slices, "--chunk-slices",
+                                     help="Slices per stored chunk (a 64-slice crop reads 4-5)."),
     crop_windows: str | None = typer.Option(
         None, "--crop-windows", help="Also store the teacher's tokens of every HxW window on the token grid "
         "(e.g. 128x128, the training crop's in-plane size: 3x3 windows a 160-pixel slice), for training in the "

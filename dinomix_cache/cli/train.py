@@ -11,6 +11,7 @@ import typer
 from dinomix_cache.cli.common import err, parse_shape, setup_logging, user_errors
 from dinomix_cache.errors import UserError
 from stage2_train.train.loop import train as run_training
+from stage2_train.train.settings import DEFAULT_PRESET, TrainSettings
 from stage2_train.train.settings import preset as make_preset
 
 
@@ -22,11 +23,12 @@ def train(
     out_path: Path | None = typer.Option(None, "--out", help="Run folder. Default runs/STORE-TARGETS-seedSEED."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder, only for a store made with --no-volumes "
                                      "(volumes are rebuilt from the recorded source files)."),
-    preset: str = typer.Option("paper", "--preset", help="paper (the paper's settings) or cpu-small (width 4, "
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help="paper (the paper's settings) or cpu-small (width 4, "
                                "32x64x64 crops, no dropout, 30 epochs: 1.5-3 minutes on 2 CPU cores, for demos)."),
-    targets: str = typer.Option("hybrid", "--targets", help="Distillation targets: hybrid (cache, teacher only for "
+    targets: str = typer.Option(TrainSettings.targets, "--targets",
+                                help="Distillation targets: hybrid (cache, teacher only for "
                                 "mixed or flipped slices), cache (no teacher at all) or online (teacher always)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random draw and of the initialisation."),
+    seed: int = typer.Option(TrainSettings.seed, "--seed", help="Seed of every random draw and of the initialisation."),
     epochs: int | None = typer.Option(None, "--epochs", help="E_max (an epoch = one pass over the unlabeled cases). "
                                       "On --resume, a larger value trains longer with the schedule stretched."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run folder from its latest checkpoint."),
@@ -34,7 +36,8 @@ def train(
     crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (multiples of 16)."),
     tau: float | None = typer.Option(None, "--tau", help="Pseudo-label confidence threshold (default 0.95)."),
     teacher_view: str = typer.Option(
-        "slice", "--teacher-view", help="What the teacher sees of each training crop. slice (default): the whole "
+        TrainSettings.teacher_view, "--teacher-view",
+        help="What the teacher sees of each training crop. slice (default): the whole "
         "slice, as in extract, with the PIC box pasted into it; cached targets are then exactly the teacher's for "
         "any crop. crop: the crop itself, as the paper's training loop does; cached targets then need a store made "
         "with extract --crop-windows HxW (the crop's in-plane size). Recorded in the run's settings."),
@@ -48,11 +51,14 @@ def train(
     pic_gamma: float | None = typer.Option(None, "--pic-gamma", help="PIC gamma of P_bal ∝ I_c^gamma (1.0)."),
     labeled_only: bool = typer.Option(False, "--labeled-only", help="Baseline: supervised on the labeled cases only."),
     flip: bool = typer.Option(False, "--flip", help="Random flips of the weak view (forces teacher recomputes)."),
-    aux_mode: str = typer.Option("exclude", "--aux-mode", help="exclude (true masking) or skcdf (SKCDF's multiply)."),
-    precision: str = typer.Option("auto", "--precision", help="Student forwards: auto (bf16 autocast on a GPU or "
+    aux_mode: str = typer.Option(TrainSettings.aux_mode, "--aux-mode",
+                                 help="exclude (true masking) or skcdf (SKCDF's multiply)."),
+    precision: str = typer.Option(TrainSettings.precision, "--precision",
+                                  help="Student forwards: auto (bf16 autocast on a GPU or "
                                   "a CPU with native bf16, AVX512-BF16 or AMX; float32 elsewhere), float32 or "
                                   "bfloat16. Recorded resolved in settings.json; losses stay float32."),
-    memory_format: str = typer.Option("auto", "--memory-format", help="auto (channels-last on a CPU, except bf16 on "
+    memory_format: str = typer.Option(TrainSettings.memory_format, "--memory-format",
+                                      help="auto (channels-last on a CPU, except bf16 on "
                                       "an AMX CPU), contiguous or channels_last. Recorded resolved."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many iterations in total."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -68,7 +74,6 @@ def train(
     """
     setup_logging()
 
-
     def done(run: Path) -> None:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once (rank 0 wrote the folder)
             err.print(f"run {run}: progress.png, log.jsonl, latest.pt and best.pt", highlight=False, soft_wrap=True)
@@ -78,10 +83,7 @@ def train(
         return
     if cache is None:
         raise UserError("pass --cache STORE (a store made by extract), or --resume RUN")
-    try:
-        settings = make_preset(preset, cache)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    settings = make_preset(preset, cache)
     pic = replace(settings.pic, enabled=not no_pic, **({"eta": pic_eta} if pic_eta is not None else {}),
                   **({"gamma": pic_gamma} if pic_gamma is not None else {}))
     changes: dict = {"out": out_path, "data": data, "targets": targets, "seed": seed, "fkd": not no_fkd,
@@ -93,8 +95,6 @@ def train(
             changes[key] = value
     if crop:
         changes["crop"] = parse_shape(crop, 3, "--crop")
-    if targets not in ("online", "cache", "hybrid"):
-        raise UserError(f"--targets {targets}: choose online, cache or hybrid")
     done(run_training(replace(settings, **changes), max_steps=max_steps, progress=progress))
 
 

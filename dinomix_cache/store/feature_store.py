@@ -35,10 +35,10 @@ import shutil
 import warnings
 import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import zarr
@@ -46,7 +46,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.errors import ZarrUserWarning
 from zarr.storage import ZipStore
 
-from dinomix_cache.errors import UserError, writing
+from dinomix_cache.errors import SettingsError, UserError, check_choice, writing
 from dinomix_cache.store.checks import check_array, checked_read, fill_value
 from dinomix_cache.store.locations import (
     READ_ONLY_PROTOCOLS,
@@ -71,6 +71,10 @@ WINDOW_DIMS = ("slice", "window_row", "window_col", "token_row", "token_col", "c
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=ZarrUserWarning)
 
 
+Compression = Literal["lossless", "lossy", "none"]
+COMPRESSIONS: tuple[Compression, ...] = get_args(Compression)
+
+
 @dataclass(frozen=True)
 class StoreSettings:
     """How arrays are laid out and compressed. Recorded in the store as ``storage``.
@@ -87,18 +91,18 @@ class StoreSettings:
             nothing else). Off where images may not be shared.
     """
 
-    compression: str = "lossless"
+    compression: Compression = "lossless"
     keepbits: int = 7
     chunk_slices: int = 16
     volumes: bool = True
 
     def __post_init__(self) -> None:
-        if self.compression not in ("lossless", "lossy", "none"):
-            raise UserError(f"unknown compression {self.compression!r}: use lossless, lossy or none")
+        check_choice(self.compression, COMPRESSIONS, "--compression", "compression")
         if not 1 <= self.keepbits <= 9:
-            raise UserError(f"keepbits {self.keepbits} out of range: use 1..9 (float16 has 10 mantissa bits)")
+            raise SettingsError(f"keepbits {self.keepbits} out of range (--keepbits): use 1..9 (float16 has 10 "
+                                "mantissa bits)")
         if self.chunk_slices < 1:
-            raise UserError(f"chunk_slices must be >= 1, got {self.chunk_slices}")
+            raise SettingsError(f"chunk_slices must be >= 1 (--chunk-slices), got {self.chunk_slices}")
 
 
 def _codecs(settings: StoreSettings, features: bool) -> dict[str, Any]:
@@ -687,8 +691,3 @@ class FeatureStore:
                 return sum(i.compress_size for i in zf.infolist() if i.filename.startswith(prefix))
         root = path / sub
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
-
-
-def settings_to_json(settings: Any) -> dict[str, Any]:
-    """A settings dataclass as JSON-able dict (paths and tuples become strings and lists)."""
-    return json.loads(json.dumps(asdict(settings), default=str))

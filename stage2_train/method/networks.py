@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -26,7 +26,9 @@ from torch import nn
 __all__ = [
     "DOWNSAMPLE_FACTOR",
     "MEMORY_FORMATS",
+    "MemoryFormat",
     "PRECISIONS",
+    "Precision",
     "DinoMixStudent",
     "EmaTeacher",
     "Projector",
@@ -65,8 +67,10 @@ class StudentOutput:
     projected: torch.Tensor | None = None
 
 
-PRECISIONS = ("auto", "float32", "bfloat16")
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+Precision = Literal["auto", "float32", "bfloat16"]
+MemoryFormat = Literal["auto", "contiguous", "channels_last"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+MEMORY_FORMATS: tuple[MemoryFormat, ...] = get_args(MemoryFormat)
 # A bf16 convolution is taken as computed correctly when its output, input gradient and weight gradient are
 # within this relative (Frobenius) distance of float32's; correct ones measured 0.002-0.004, wrong ones
 # 0.9 to inf (garbage).
