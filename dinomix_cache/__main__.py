@@ -1,6 +1,6 @@
 """``python -m dinomix_cache`` = the ``dinomix-cache`` console script (for machines without it)."""
 
-from dinomix_cache.cli.app import main
+from dinomix_cache.cli import main
 
 if __name__ == "__main__":
     main()

@@ -9,15 +9,37 @@ write (a read-only folder, a full disk) into one.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
     """Bad input the user can fix; the CLI prints the message on one line and exits 2."""
 
     exit_code = 2
+
+
+class SettingsError(UserError, ValueError):
+    """Settings that cannot work, refused when the settings dataclass is built (a ValueError too; the CLI
+    prints it as one line, exit 2). The message names the CLI option."""
+
+
+def check_choice(value: Any, choices: Collection[Any], option: str, what: str) -> None:
+    """Refuse ``value`` unless it is one of ``choices`` (the values of a settings field's ``Literal``).
+
+    Args:
+        value: the setting.
+        choices: its allowed values, in the order the message lists them.
+        option: the CLI option that sets it (``--targets``), named in the message.
+        what: what it is, in words (``targets``, ``teacher view``).
+
+    Raises:
+        SettingsError: ``unknown <what> '<value>' (<option>): use one of <choices>``.
+    """
+    if value not in choices:
+        raise SettingsError(f"unknown {what} {value!r} ({option}): use one of {', '.join(map(str, choices))}")
 
 
 _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

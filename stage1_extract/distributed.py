@@ -50,7 +50,8 @@ from distributed.comm import get_address_host
 from dinomix_cache.data.datasets import CaseSource, DatasetSpec
 from dinomix_cache.data.preprocess import load_case
 from dinomix_cache.errors import UserError
-from dinomix_cache.store.feature_store import FeatureStore, settings_to_json
+from dinomix_cache.settings_codec import settings_to_json
+from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
 from stage1_extract.cluster import slots_by_host, wants_gpu
 from stage1_extract.pipeline import CaseInFlight, case_batch_plan, crop_window_geometry, store_case

@@ -27,7 +27,8 @@ import dinomix_cache
 from dinomix_cache.data.datasets import DatasetSpec, discover_dataset
 from dinomix_cache.errors import UserError
 from dinomix_cache.phantom.generate import generate_phantom
-from dinomix_cache.store.feature_store import FeatureStore, is_store, remove_store, settings_to_json
+from dinomix_cache.settings_codec import settings_to_json
+from dinomix_cache.store.feature_store import FeatureStore, is_store, remove_store
 from dinomix_cache.store.lock import StoreLock
 from dinomix_cache.teacher.model import Teacher, load_teacher
 from stage1_extract import distributed as dist

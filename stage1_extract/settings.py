@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dinomix_cache.data.layouts import DATASETS
 from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.data.roles import SplitSettings
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import UserError, check_choice
 from dinomix_cache.phantom.generate import PhantomSettings
 from dinomix_cache.store.feature_store import StoreSettings
 from dinomix_cache.teacher.model import TeacherSettings
@@ -42,7 +43,8 @@ class ExtractSettings:
         progress: show a progress bar.
 
     Raises:
-        UserError: ``workers`` negative, or both ``workers`` and ``scheduler`` given.
+        UserError: an unknown ``dataset`` (naming ``--dataset``), ``workers`` negative, both ``workers``
+            and ``scheduler`` given, an empty ``scheduler``, or ``read_threads`` < 1.
     """
 
     dataset: str = "phantom"
@@ -66,6 +68,8 @@ class ExtractSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # Discovery takes the name in any case and with spaces around it.
+        check_choice(self.dataset.strip().lower(), DATASETS, "--dataset", "dataset")
         if self.workers < 0:
             raise UserError(f"--workers {self.workers}: give 0 (extract in this process) or a number of processes")
         if self.workers and self.scheduler:

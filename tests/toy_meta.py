@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dinomix_cache.store.feature_store import StoreSettings, settings_to_json
+from dinomix_cache.settings_codec import settings_to_json
+from dinomix_cache.store.feature_store import StoreSettings
 
 SHA = "0" * 64
 

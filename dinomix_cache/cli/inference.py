@@ -1,4 +1,4 @@
-"""The ``evaluate`` and ``predict`` verbs (registered on :data:`dinomix_cache.cli.app.app`)."""
+"""The ``evaluate`` and ``predict`` verbs: a run folder's student on a split, or on any CT."""
 
 from __future__ import annotations
 
@@ -9,20 +9,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dinomix_cache.cli.app import _setup_logging, app, err, out, parse_shape, user_errors
+from dinomix_cache.cli.common import err, out, parse_shape, setup_logging, shape_text, user_errors
 from dinomix_cache.errors import UserError
+from stage2_train.evaluate.evaluation import EvaluateSettings
+from stage2_train.evaluate.evaluation import evaluate as run_evaluation
+from stage2_train.evaluate.inference import InferenceSettings, load_run_model
+from stage2_train.evaluate.predict import predict_paths
 
-StrideOpt = typer.Option("16x32x32", "--stride", help="Sliding-window stride D x H x W in voxels (the peers' "
+StrideOpt = typer.Option(shape_text(InferenceSettings.stride), "--stride",
+                         help="Sliding-window stride D x H x W in voxels (the peers' "
                          "16 slices x 32 x 32).")
-CheckpointOpt = typer.Option("best", "--checkpoint", help="best (best validation Dice, the peers' choice) or latest.")
-BatchOpt = typer.Option(4, "--sw-batch-size", help="Windows per forward pass (more is faster on a GPU).")
+CheckpointOpt = typer.Option(InferenceSettings.checkpoint, "--checkpoint",
+                             help="best (best validation Dice, the peers' choice) or latest.")
+BatchOpt = typer.Option(InferenceSettings.sw_batch_size, "--sw-batch-size",
+                        help="Windows per forward pass (more is faster on a GPU).")
 
 
-@app.command()
 @user_errors
 def evaluate(
     run: list[Path] = typer.Option(..., "--run", help="A run folder; repeat for several seeds (mean ± std)."),
-    split: str = typer.Option("test", "--split", help="test (default) or eval."),
+    split: str = typer.Option(EvaluateSettings.split, "--split", help="test (default) or eval."),
     out_path: Path | None = typer.Option(None, "--out", help="Evaluation folder. Default RUN/evaluation-SPLIT "
                                          "(several runs: their parent folder/evaluation-SPLIT)."),
     cache: str | None = typer.Option(None, "--cache", help="The run's store (folder, .zip or URL), if it moved since "
@@ -32,19 +38,19 @@ def evaluate(
     checkpoint: str = CheckpointOpt,
     stride: str = StrideOpt,
     sw_batch_size: int = BatchOpt,
-    convention: str = typer.Option("dhc", "--convention", help="Absent classes: dhc (the paper's rules: Dice 0 / "
+    convention: str = typer.Option(EvaluateSettings.convention, "--convention",
+                                   help="Absent classes: dhc (the paper's rules: Dice 0 / "
                                    "ASD 128 if in one only, Dice 1 / ASD 0 if in neither) or strict (left out)."),
-    mm: bool = typer.Option(True, "--mm/--no-mm", help="Also ASD in mm in the original geometry."),
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw dice.png and qualitative.png."),
+    mm: bool = typer.Option(EvaluateSettings.mm, "--mm/--no-mm", help="Also ASD in mm in the original geometry."),
+    figures: bool = typer.Option(EvaluateSettings.figures, "--figures/--no-figures",
+                                 help="Draw dice.png and qualitative.png."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Per-class Dice (%) and ASD (voxels) on the test split, in the layout of the paper's Tables 1-2.
 
     Writes results.json, cases.csv, results.md, dice.png and qualitative.png, and prints the table.
     """
-    _setup_logging()
-    from stage2_train.evaluate.evaluation import EvaluateSettings
-    from stage2_train.evaluate.evaluation import evaluate as run_evaluation
+    setup_logging()
 
     settings = EvaluateSettings(runs=tuple(run), split=split, out=out_path, cache=cache, data=data,
                                 checkpoint=checkpoint, stride=parse_shape(stride, 3, "--stride"),  # type: ignore[arg-type]
@@ -80,7 +86,6 @@ def results_table(result: dict) -> Table:
     return table
 
 
-@app.command()
 @user_errors
 def predict(
     run: Path = typer.Option(..., "--run", help="The run folder whose student segments."),
@@ -98,9 +103,7 @@ def predict(
     The CT is preprocessed exactly as the run's store recorded; the labels are mapped back to the
     input's own grid and orientation and written as uint8 NIfTI with its affine and header.
     """
-    _setup_logging()
-    from stage2_train.evaluate.inference import InferenceSettings, load_run_model
-    from stage2_train.evaluate.predict import predict_paths
+    setup_logging()
 
     if not input_path.exists():
         raise UserError(f"{input_path} does not exist: pass a .nii/.nii.gz file or a folder of them")

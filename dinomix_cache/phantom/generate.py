@@ -28,7 +28,7 @@ import re
 import struct
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.phantom.anatomy import sample_body
 from dinomix_cache.phantom.render import render_tissues
 from dinomix_cache.phantom.tissues import N_TISSUES, TISSUE_TABLE, TISSUE_TO_LABEL
+from dinomix_cache.settings_codec import settings_to_json
 
 PHANTOM_VERSION: int = 1
 _CASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -103,7 +104,7 @@ class PhantomSettings:
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain JSON values (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
+        return settings_to_json(self)
 
 
 @dataclass(frozen=True)

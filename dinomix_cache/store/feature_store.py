@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -64,7 +63,7 @@ from dinomix_cache.store.storage import FEATURE_DIMS, VOLUME_DIMS, WINDOW_DIMS, 
 
 __all__ = ["ATTRS_KEY", "CASE_KEY", "FEATURE_DIMS", "VOLUME_DIMS", "WINDOW_DIMS", "FeatureStore", "StoreSettings",
            "as_location", "attrs_mismatches", "is_store", "load_attrs", "preprocess_settings", "remove_store",
-           "settings_to_json", "validate_attrs"]
+           "validate_attrs"]
 
 
 class FeatureStore(CaseArrays):
@@ -225,7 +224,3 @@ class FeatureStore(CaseArrays):
         root = path / sub
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
-
-def settings_to_json(settings: Any) -> dict[str, Any]:
-    """A settings dataclass as JSON-able dict (paths and tuples become strings and lists)."""
-    return json.loads(json.dumps(asdict(settings), default=str))

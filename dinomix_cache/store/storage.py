@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import BitRound
 from zarr.errors import ZarrUserWarning
 
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import SettingsError, check_choice
 
-__all__ = ["FEATURE_DIMS", "VOLUME_DIMS", "WINDOW_DIMS", "StoreSettings", "array_codecs"]
+__all__ = ["COMPRESSIONS", "FEATURE_DIMS", "VOLUME_DIMS", "WINDOW_DIMS", "Compression", "StoreSettings", "array_codecs"]
 
 FEATURE_DIMS = ("slice", "token_row", "token_col", "channel")
 VOLUME_DIMS = ("slice", "row", "col")
@@ -26,6 +26,9 @@ WINDOW_DIMS = ("slice", "window_row", "window_col", "token_row", "token_col", "c
 # zarr warns on every array using a numcodecs filter (BitRound, the lossy mode) that other Zarr
 # implementations may not read it; the README says so once, the warning would say it per chunk read.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=ZarrUserWarning)
+
+Compression = Literal["lossless", "lossy", "none"]
+COMPRESSIONS: tuple[Compression, ...] = get_args(Compression)
 
 
 @dataclass(frozen=True)
@@ -44,18 +47,18 @@ class StoreSettings:
             nothing else). Off where images may not be shared.
     """
 
-    compression: str = "lossless"
+    compression: Compression = "lossless"
     keepbits: int = 7
     chunk_slices: int = 16
     volumes: bool = True
 
     def __post_init__(self) -> None:
-        if self.compression not in ("lossless", "lossy", "none"):
-            raise UserError(f"unknown compression {self.compression!r}: use lossless, lossy or none")
+        check_choice(self.compression, COMPRESSIONS, "--compression", "compression")
         if not 1 <= self.keepbits <= 9:
-            raise UserError(f"keepbits {self.keepbits} out of range: use 1..9 (float16 has 10 mantissa bits)")
+            raise SettingsError(f"keepbits {self.keepbits} out of range (--keepbits): use 1..9 (float16 has 10 "
+                                "mantissa bits)")
         if self.chunk_slices < 1:
-            raise UserError(f"chunk_slices must be >= 1, got {self.chunk_slices}")
+            raise SettingsError(f"chunk_slices must be >= 1 (--chunk-slices), got {self.chunk_slices}")
 
 
 def array_codecs(settings: StoreSettings, features: bool) -> dict[str, Any]:

@@ -34,18 +34,21 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from dinomix_cache.atomic import write_atomic
-from dinomix_cache.errors import UserError
-from stage2_train.evaluate.evaluation import EvaluateSettings, evaluate
+from dinomix_cache.errors import UserError, check_choice
+from dinomix_cache.settings_codec import settings_to_json
+from dinomix_cache.store.locations import as_location
+from stage2_train.evaluate.evaluation import SPLITS, EvaluateSettings, Split, evaluate
+from stage2_train.targets.policies import POLICIES, Targets
 from stage2_train.train.loop import train
 from stage2_train.train.run_folder import RunFolder
-from stage2_train.train.settings import TrainSettings, preset
+from stage2_train.train.settings import PRESETS, Preset, TrainSettings, preset
 
-__all__ = ["ROWS", "SEEDS", "AblationSettings", "ablation_markdown", "row_settings", "run_ablation"]
+__all__ = ["DEFAULT_CACHE", "ROWS", "SEEDS", "AblationSettings", "ablation_markdown", "row_settings", "run_ablation"]
 
 log = logging.getLogger("dinomix_cache.ablation")
 
@@ -58,6 +61,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "dino-mix": ("+ PIC + FKD + aux (DINO-Mix)", {}),
 }
 SEEDS = (0, 1, 666)  # the seeds DHC reports
+DEFAULT_CACHE = "storage/phantom-cpu.zarr"  # the CPU demo's phantom store
 
 
 @dataclass(frozen=True)
@@ -78,23 +82,31 @@ class AblationSettings:
         split: evaluated split (``test``).
         figures: draw each row's ``dice.png`` and ``qualitative.png``.
         progress: progress bars while training.
+
+    Raises:
+        UserError: an unknown row, no seed or the same seed twice. SettingsError (a UserError): an unknown
+            preset, targets or split (naming the CLI option).
     """
 
-    cache: Path | str
+    cache: Path | str = DEFAULT_CACHE
     out: Path = Path("runs/ablation")
-    preset: str = "cpu"
+    preset: Preset = "cpu"
     rows: tuple[str, ...] = tuple(ROWS)
     seeds: tuple[int, ...] = SEEDS
     epochs: int | None = None
     width: int | None = None
     crop: tuple[int, int, int] | None = None
-    targets: str = "hybrid"
+    targets: Targets = "hybrid"
     max_steps: int | None = None
-    split: str = "test"
+    split: Split = "test"
     figures: bool = True
     progress: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", as_location(self.cache))
+        check_choice(self.preset, PRESETS, "--preset", "preset")
+        check_choice(self.targets, POLICIES, "--targets", "targets")
+        check_choice(self.split, SPLITS, "split", "split")
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or not self.rows:
             raise UserError(f"unknown ablation row(s) {' '.join(unknown) or '(none given)'}: choose from "
@@ -105,10 +117,7 @@ class AblationSettings:
 
 def row_settings(settings: AblationSettings, row: str, seed: int) -> TrainSettings:
     """The TrainSettings of one row and seed (run folder ``OUT/ROW-seedSEED``)."""
-    try:
-        base = preset(settings.preset, settings.cache)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    base = preset(settings.preset, settings.cache)
     changes = dict(ROWS[row][1])
     pic = replace(base.pic, enabled=changes.pop("pic", True))
     extra = {k: v for k, v in (("epochs", settings.epochs), ("width", settings.width), ("crop", settings.crop))
@@ -167,7 +176,7 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
         result = evaluate(EvaluateSettings(runs=tuple(runs[row]), split=settings.split, out=out / f"evaluation-{row}",
                                            mm=False, figures=settings.figures))
         table.append(_row_summary(row, result, train_s[row], time.perf_counter() - start))
-    summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+    summary = {"settings": settings_to_json(settings),
                "class_labels": result["class_labels"], "rows": table,
                "train_s": round(sum(sum(v) for v in train_s.values()), 1)}
     out.mkdir(parents=True, exist_ok=True)
@@ -178,12 +187,10 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
 
 def _check_same_run(wanted: TrainSettings) -> None:
     """A run folder left by an earlier command must hold this row's settings (else say so, not mix them)."""
-    from stage2_train.train.loop import settings_from_json, settings_to_json
-
     path = Path(wanted.out)  # type: ignore[arg-type]
     if not (path / "settings.json").exists():
         return
-    saved = settings_to_json(settings_from_json(RunFolder(path).settings()))
+    saved = settings_to_json(RunFolder(path).train_settings())
     mine = settings_to_json(wanted.resolved())  # the crop grid as a run resolves and saves it
     # precision and memory format are saved resolved; the store's identity is checked by the resume itself
     differ = [k for k, v in mine.items() if k not in ("precision", "memory_format", "cache", "out")

@@ -22,11 +22,11 @@ import torch
 from stage2_train.method.iteration import DinoMixIteration, TrainState
 from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.fidelity import context_cosine, cosine_fidelity
-from stage2_train.targets.policies import MixedCrop, TargetPolicy, make_policy
+from stage2_train.targets.policies import POLICIES, MixedCrop, TargetPolicy, make_policy
 from stage2_train.train.loop import load_store_teacher, open_training_store
 from stage2_train.train.settings import TrainSettings
 
-MODES = ("no_fkd", "online", "cache", "hybrid")
+MODES = ("no_fkd", *POLICIES)
 
 
 class _Recorder:

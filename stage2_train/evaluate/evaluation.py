@@ -22,9 +22,9 @@ import csv
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import nibabel as nib
 import numpy as np
@@ -34,18 +34,34 @@ from dinomix_cache.atomic import atomic_path, remove_stale_temporaries, write_at
 from dinomix_cache.data.classes import class_abbreviations
 from dinomix_cache.data.datasets import CaseSource, scan_case_files
 from dinomix_cache.data.source_volumes import load_source_case, resolve_recorded
-from dinomix_cache.errors import UserError, writing
+from dinomix_cache.errors import UserError, check_choice, writing
+from dinomix_cache.settings_codec import settings_to_json
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.locations import as_location
 from stage2_train.evaluate.dice_chart import dice_bar_chart
-from stage2_train.evaluate.inference import DEFAULT_STRIDE, InferenceSettings, RunModel, load_run_model
-from stage2_train.evaluate.metrics import CaseMetrics, case_metrics, mean_std_over_runs, summarize
+from stage2_train.evaluate.inference import (
+    CHECKPOINTS,
+    DEFAULT_STRIDE,
+    Checkpoint,
+    InferenceSettings,
+    RunModel,
+    check_stride,
+    load_run_model,
+)
+from stage2_train.evaluate.metrics import (
+    CONVENTIONS,
+    CaseMetrics,
+    Convention,
+    case_metrics,
+    mean_std_over_runs,
+    summarize,
+)
 from stage2_train.evaluate.predict import labels_to_source_grid
 from stage2_train.evaluate.slice_figure import qualitative_figure
 from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.train.run_folder import store_identity
 
-__all__ = ["EvalCase", "EvaluateSettings", "evaluate", "evaluation_cases"]
+__all__ = ["SPLITS", "EvalCase", "EvaluateSettings", "Split", "evaluate", "evaluation_cases"]
 
 log = logging.getLogger("dinomix_cache.evaluate")
 
@@ -60,6 +76,10 @@ METRIC_DEFINITIONS = {
                       "NaN in mm); in neither -> Dice 1, ASD and ASSD 0; convention strict: NaN, left out",
     "units": "voxel: the store's preprocessed grid; mm: each case's original geometry",
 }
+
+
+Split = Literal["test", "eval"]
+SPLITS: tuple[Split, ...] = get_args(Split)
 
 
 @dataclass(frozen=True)
@@ -80,35 +100,44 @@ class EvaluateSettings:
         mm: also ASD and ASSD in mm in the original geometry (needs the original label files).
         figures: draw ``dice.png`` and ``qualitative.png``.
         progress: show a progress bar.
+
+    Raises:
+        UserError: no run, or the same run twice. SettingsError (a UserError): an unknown split,
+            checkpoint or convention, a bad stride or ``sw_batch_size`` (naming the CLI option).
     """
 
     runs: tuple[Path, ...]
-    split: str = "test"
+    split: Split = "test"
     out: Path | None = None
     cache: Path | str | None = None
     data: Path | None = None
-    checkpoint: str = "best"
+    checkpoint: Checkpoint = "best"
     stride: tuple[int, int, int] = DEFAULT_STRIDE
     sw_batch_size: int = 4
-    convention: str = "dhc"
+    convention: Convention = "dhc"
     mm: bool = True
     figures: bool = True
     progress: bool = False
 
-    def resolved(self) -> EvaluateSettings:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", None if self.cache is None else as_location(self.cache))
         if not self.runs:
             raise UserError("pass at least one --run RUN")
-        if self.split not in ("test", "eval"):
-            raise UserError(f"--split {self.split}: choose test or eval")
-        if self.convention not in ("dhc", "strict"):
-            raise UserError(f"--convention {self.convention}: choose dhc or strict")
+        check_choice(self.split, SPLITS, "--split", "split")
+        check_choice(self.checkpoint, CHECKPOINTS, "--checkpoint", "checkpoint")
+        check_choice(self.convention, CONVENTIONS, "--convention", "convention")
+        check_stride(self.stride, self.sw_batch_size)
         if len({Path(r).resolve() for r in self.runs}) != len(self.runs):
             raise UserError("the same run is given twice")
+
+    def resolved(self) -> EvaluateSettings:
+        """A copy with the evaluation folder filled in (``RUN/evaluation-SPLIT``, or for several runs
+        their parent's ``evaluation-SPLIT``)."""
         if self.out is not None:
             return self
         first = Path(self.runs[0])
         out = first / f"evaluation-{self.split}" if len(self.runs) == 1 else first.parent / f"evaluation-{self.split}"
-        return EvaluateSettings(**{**asdict(self), "runs": tuple(Path(r) for r in self.runs), "out": out})
+        return replace(self, runs=tuple(Path(r) for r in self.runs), out=out)
 
 
 @dataclass
@@ -250,10 +279,9 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
                          "summary": summarize(voxel),
                          "summary_mm": summarize(mm) if mm and len(mm) == len(voxel) else None, "cases": cases})
     over = mean_std_over_runs([r["summary"] for r in runs]) if len(runs) > 1 else None
-    result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+    result = {"settings": settings_to_json(settings),
               "metrics": METRIC_DEFINITIONS, "class_names": class_names[1:], "class_labels": labels, "runs": runs,
               "over_runs": over}
-    result["settings"]["runs"] = [str(r) for r in settings.runs]
     _write_outputs(settings, result, shown)
     return result
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
 from dinomix_cache.data.preprocess import PreprocessSettings
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import SettingsError, UserError, check_choice
 from dinomix_cache.store.attributes import preprocess_settings
 from dinomix_cache.store.schema import StoreAttrs
 from stage2_train.method.networks import DinoMixStudent
@@ -32,12 +32,14 @@ from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.run_schema import state_dict_mismatch
 from stage2_train.train.settings import TrainSettings
 
-__all__ = ["DEFAULT_STRIDE", "InferenceSettings", "RunModel", "inference_precision", "load_run_model",
-           "sliding_window_probabilities"]
+__all__ = ["CHECKPOINTS", "DEFAULT_STRIDE", "Checkpoint", "InferenceSettings", "RunModel", "check_stride",
+           "inference_precision", "load_run_model", "sliding_window_probabilities"]
 
 log = logging.getLogger("dinomix_cache.inference")
 
 DEFAULT_STRIDE = (16, 32, 32)  # slices × rows × columns between window starts (the peers' protocol)
+Checkpoint = Literal["best", "latest"]
+CHECKPOINTS: tuple[Checkpoint, ...] = get_args(Checkpoint)
 
 
 @dataclass(frozen=True)
@@ -49,20 +51,32 @@ class InferenceSettings:
         stride: (D, H, W) voxels between window starts (16 × 32 × 32, the peers' default).
         sw_batch_size: windows per forward pass (more is faster on GPU, costs memory).
         checkpoint: ``best`` (best validation Dice, the peers' choice) or ``latest``.
+
+    Raises:
+        SettingsError: an unknown checkpoint, a stride that is not three positive integers, or
+            ``sw_batch_size`` < 1 (naming the CLI option).
     """
 
     patch: tuple[int, int, int] | None = None
     stride: tuple[int, int, int] = DEFAULT_STRIDE
     sw_batch_size: int = 4
-    checkpoint: str = "best"
+    checkpoint: Checkpoint = "best"
 
     def __post_init__(self) -> None:
-        if self.checkpoint not in ("best", "latest"):
-            raise UserError(f"checkpoint {self.checkpoint!r}: choose best or latest")
-        if len(self.stride) != 3 or any(int(s) < 1 for s in self.stride):
-            raise UserError(f"stride {self.stride} must be three positive integers (D, H, W)")
-        if self.sw_batch_size < 1:
-            raise UserError(f"sw_batch_size {self.sw_batch_size} must be at least 1")
+        check_choice(self.checkpoint, CHECKPOINTS, "--checkpoint", "checkpoint")
+        check_stride(self.stride, self.sw_batch_size)
+
+
+def check_stride(stride: tuple[int, ...], sw_batch_size: int) -> None:
+    """Refuse a sliding-window stride that is not three positive integers, or ``sw_batch_size`` < 1.
+
+    Raises:
+        SettingsError: naming ``--stride`` or ``--sw-batch-size``.
+    """
+    if len(stride) != 3 or any(int(s) < 1 for s in stride):
+        raise SettingsError(f"stride {stride} must be three positive integers (D, H, W) (--stride)")
+    if sw_batch_size < 1:
+        raise SettingsError(f"sw_batch_size {sw_batch_size} must be at least 1 (--sw-batch-size)")
 
 
 @dataclass

@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -64,13 +64,15 @@ from scipy import ndimage as ndi
 __all__ = [
     "ABSENT_ASD",
     "CONVENTIONS",
+    "Convention",
     "CaseMetrics",
     "case_metrics",
     "mean_std_over_runs",
     "summarize",
 ]
 
-CONVENTIONS = ("dhc", "strict")
+Convention = Literal["dhc", "strict"]
+CONVENTIONS: tuple[Convention, ...] = get_args(Convention)
 ABSENT_ASD = 128.0  # DHC's ASD (voxels) when exactly one of pred / label contains the class
 _SURFACE_STRUCTURE = ndi.generate_binary_structure(3, 1)  # medpy's default connectivity 1 (6-connected)
 

@@ -17,12 +17,16 @@ MONAI's ``DiceCELoss`` and ``MaskedDiceLoss``.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "AUX_MODES",
+    "AuxMode",
     "MaskedSegLoss",
     "SegLoss",
     "annealed_rates",
@@ -33,6 +37,10 @@ __all__ = [
     "pseudo_labels",
     "unlabeled_aux_mask",
 ]
+
+# How the auxiliary balanced head's loss treats the voxels its mask drops (see :class:`MaskedSegLoss`).
+AuxMode = Literal["exclude", "skcdf"]
+AUX_MODES: tuple[AuxMode, ...] = get_args(AuxMode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +279,7 @@ class MaskedSegLoss(nn.Module):
         lambda_dice, lambda_ce, smooth, include_background: as in :class:`SegLoss`.
     """
 
-    MODES = ("exclude", "skcdf")
+    MODES = AUX_MODES
 
     def __init__(
         self,

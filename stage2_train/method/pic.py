@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dinomix_cache.errors import SettingsError
+
 __all__ = [
     "PicSettings",
     "box_size_for",
@@ -237,6 +239,9 @@ class PicSettings:
         eta: η of Eq. 4 (paper: 2/3; 0 → pure uniform, ``float('inf')`` → pure balanced).
         box_fraction: the box size as a fraction of the crop per axis (D, H, W); default half the crop.
         enabled: False turns PIC off (:func:`pic_batch` then returns the unlabeled batch unmixed).
+
+    Raises:
+        SettingsError (a ValueError): gamma not finite, eta negative or NaN, box fractions outside (0, 1].
     """
 
     gamma: float = 1.0
@@ -246,11 +251,11 @@ class PicSettings:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.gamma):
-            raise ValueError(f"gamma must be finite, got {self.gamma}")
+            raise SettingsError(f"PIC gamma must be finite (--pic-gamma), got {self.gamma}")
         if math.isnan(self.eta) or self.eta < 0:
-            raise ValueError(f"eta must be >= 0 (or inf), got {self.eta}")
+            raise SettingsError(f"PIC eta must be >= 0 or inf (--pic-eta), got {self.eta}")
         if len(self.box_fraction) != 3 or not all(0 < f <= 1 for f in self.box_fraction):
-            raise ValueError(f"box_fraction must be three fractions in (0, 1], got {self.box_fraction}")
+            raise SettingsError(f"PIC box_fraction must be three fractions in (0, 1], got {self.box_fraction}")
         object.__setattr__(self, "box_fraction", tuple(float(f) for f in self.box_fraction))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from stage2_train.targets.views import FEATURE_MEMORY_BYTES, TEACHER_VIEWS, Mixe
 
 __all__ = [
     "POLICIES",
+    "Targets",
     "TEACHER_BATCH",
     "CacheTargets",
     "HybridTargets",
@@ -51,7 +53,8 @@ __all__ = [
 log = logging.getLogger("dinomix_cache.train")
 
 TEACHER_BATCH = 64  # images per teacher forward when recomputing
-POLICIES = ("online", "cache", "hybrid")
+Targets = Literal["online", "cache", "hybrid"]
+POLICIES: tuple[Targets, ...] = get_args(Targets)
 
 
 class TargetsError(UserError, ValueError):

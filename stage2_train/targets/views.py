@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -35,9 +36,10 @@ from stage2_train.sampling.crops import Crop
 from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.geometry import TokenGeometry, TokenGrid
 
-__all__ = ["TEACHER_VIEWS", "CropView", "MixedCrop", "SliceView", "TeacherView", "make_view"]
+__all__ = ["TEACHER_VIEWS", "CropView", "MixedCrop", "SliceView", "TeacherView", "ViewName", "make_view"]
 
-TEACHER_VIEWS = ("slice", "crop")
+ViewName = Literal["slice", "crop"]
+TEACHER_VIEWS: tuple[ViewName, ...] = get_args(ViewName)
 # Cached features kept in memory, whole cases, first come first kept (Synapse at ViT-S/16: 30 cases of
 # 6 MB; AMOS: 360, so about half of them). Beyond it, crops read their chunks from the store.
 FEATURE_MEMORY_BYTES = 1 << 30

@@ -50,7 +50,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -58,9 +58,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dinomix_cache.errors import UserError
-
-if TYPE_CHECKING:
-    from stage2_train.method.iteration import TrainState
+from stage2_train.train.state import TrainState
 
 log = logging.getLogger("dinomix_cache.train")
 
@@ -318,8 +316,6 @@ def restore_state(context: Distributed, checkpoint: Mapping[str, Any], run: obje
     Raises:
         UserError: the checkpoint was written by another number of processes.
     """
-    from stage2_train.method.iteration import TrainState
-
     saved = int(checkpoint.get("world_size", 1))
     if saved != context.world_size:
         how = "without torchrun" if saved == 1 else f"with torchrun --nproc-per-node {saved}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dinomix_cache.errors import UserError
+from dinomix_cache.settings_codec import settings_to_json
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
 from stage2_train.method.iteration import DinoMixIteration, TrainState
@@ -24,7 +25,7 @@ from stage2_train.train import precision  # the module: tests replace its CPU pr
 from stage2_train.train.distributed import Distributed, checkpoint_payload, from_environment, restore_state
 from stage2_train.train.run_folder import RunFolder, store_identity
 from stage2_train.train.run_schema import dataclass_from_json, state_dict_mismatch
-from stage2_train.train.settings import TrainSettings, with_saved_defaults
+from stage2_train.train.settings import TrainSettings
 
 log = logging.getLogger("dinomix_cache.train")
 
@@ -346,15 +347,3 @@ class TrainProgress:
     def close(self) -> None:
         self._progress.stop()
 
-
-def settings_to_json(settings: TrainSettings) -> dict:
-    return json.loads(json.dumps(asdict(settings), default=str))
-
-
-def settings_from_json(data: dict, where: str = "settings.json") -> TrainSettings:
-    """The inverse of :func:`settings_to_json`, validated (see :mod:`stage2_train.train.run_schema`).
-
-    Raises:
-        UserError: an unknown key, a wrong type or a value out of bounds (naming ``where``).
-    """
-    return dataclass_from_json(TrainSettings, json.dumps(with_saved_defaults(data)), where)

@@ -8,6 +8,8 @@ and its convolutions pass :func:`cpu_bf16_problem`, and channels-last except bf1
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
@@ -17,6 +19,8 @@ __all__ = [
     "BF16_TOLERANCE",
     "MEMORY_FORMATS",
     "PRECISIONS",
+    "MemoryFormat",
+    "Precision",
     "bf16_native",
     "cpu_amx",
     "cpu_bf16_native",
@@ -27,8 +31,10 @@ __all__ = [
     "torch_memory_format",
 ]
 
-PRECISIONS = ("auto", "float32", "bfloat16")
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+Precision = Literal["auto", "float32", "bfloat16"]
+MemoryFormat = Literal["auto", "contiguous", "channels_last"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+MEMORY_FORMATS: tuple[MemoryFormat, ...] = get_args(MemoryFormat)
 # A bf16 convolution is taken as computed correctly when its output, input gradient and weight gradient are
 # within this relative (Frobenius) distance of float32's; correct ones measured 0.002-0.004, wrong ones
 # 0.9 to inf (garbage).

@@ -34,8 +34,8 @@ from dinomix_cache.atomic import atomic_path, remove_stale_temporaries, write_at
 from dinomix_cache.errors import UserError, writing
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.schema import StoreAttrs
-from stage2_train.train.run_schema import check_checkpoint, check_identity, dataclass_from_json
-from stage2_train.train.settings import TrainSettings, with_saved_defaults
+from stage2_train.train.run_schema import check_checkpoint, check_identity, train_settings_from_json
+from stage2_train.train.settings import TrainSettings
 
 # What a run writes besides checkpoints; a run refused before its first checkpoint removes them.
 _RUN_FILES = ("settings.json", "store.json", "log.jsonl", "progress.png")
@@ -100,15 +100,7 @@ class RunFolder:
             UserError: missing, unreadable, not a JSON object, an unknown key, a wrong type or a
                 value out of bounds (naming the file and the field).
         """
-        where = str(self.path / "settings.json")
-        text = self._read_text("settings.json")
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
-        if isinstance(data, dict):
-            text = json.dumps(with_saved_defaults(data))
-        return dataclass_from_json(TrainSettings, text, where)
+        return train_settings_from_json(self._read_text("settings.json"), str(self.path / "settings.json"))
 
     def identity(self) -> dict[str, Any]:
         """``store.json`` (``path``, ``attrs_sha256``, ``meta``), validated (see :meth:`store_attrs`)."""

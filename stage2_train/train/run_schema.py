@@ -4,8 +4,8 @@
   :class:`~stage2_train.train.settings.TrainSettings` (and nested dataclasses such as ``PicSettings``),
   so a field added to the dataclass is accepted with its type, and a settings file written before
   it gets the default. Unknown keys and wrong types are refused; the numbers that size networks
-  and loops are bounded (:data:`BOUNDS`), and fields with a closed set of values take only those
-  (:data:`CHOICES`).
+  and loops are bounded (:data:`BOUNDS`), and fields typed with a ``Literal`` (targets, teacher
+  view, precision, ...) take only its values.
 * ``store.json``: path, ``attrs_sha256`` and the store's attributes, validated by the store's own
   schema (:mod:`dinomix_cache.store.schema`) and hashed again against ``attrs_sha256``.
 * the checkpoint payload (``latest.pt``, ``best.pt``): the keys and types :func:`checkpoint_payload
@@ -26,18 +26,18 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, create_model
 
 from dinomix_cache.errors import UserError
+from dinomix_cache.settings_codec import settings_from_json
 from dinomix_cache.store.schema import MAX_HIDDEN, MAX_SIDE, StoreAttrs, check_store_attrs, validation_message
-from stage2_train.targets.views import TEACHER_VIEWS
-from stage2_train.train.precision import MEMORY_FORMATS, PRECISIONS
-from stage2_train.train.settings import CROP_GRIDS
+from stage2_train.train.settings import TrainSettings, with_saved_defaults
 
-__all__ = ["BOUNDS", "CHOICES", "check_checkpoint", "check_identity", "dataclass_from_json", "state_dict_mismatch"]
+__all__ = ["BOUNDS", "check_checkpoint", "check_identity", "dataclass_from_json", "state_dict_mismatch",
+           "train_settings_from_json"]
 
 # Bounds of fields that size networks, batches and loops (applied to each element of a tuple).
 # Keyed by field name; fields absent from a dataclass are ignored, new ones are unbounded.
@@ -62,14 +62,6 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "eta": {"ge": 0},
     "box_fraction": {"gt": 0, "le": 1},
 }
-CHOICES: dict[str, tuple[str, ...]] = {
-    "targets": ("online", "cache", "hybrid"),
-    "aux_mode": ("exclude", "skcdf"),
-    "crop_grid": CROP_GRIDS,
-    "teacher_view": TEACHER_VIEWS,
-    "precision": PRECISIONS,
-    "memory_format": MEMORY_FORMATS,
-}
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
 
@@ -85,8 +77,6 @@ def _constrained(hint: Any, name: str) -> Any:
     if origin is tuple:
         inner = [_constrained(a, name) for a in args if a is not Ellipsis]
         return tuple[tuple(inner) + ((...,) if Ellipsis in args else ())]  # type: ignore[misc]
-    if hint is str and name in CHOICES:
-        return Literal[CHOICES[name]]  # type: ignore[valid-type]
     if hint in (int, float) and name in BOUNDS:
         return Annotated[hint, Field(**BOUNDS[name])]
     return hint
@@ -108,20 +98,11 @@ def _model_of(cls: type) -> type[BaseModel]:
     return create_model(f"{cls.__name__}Json", __config__=_STRICT, **fields)
 
 
-def _build(cls: type, values: Mapping[str, Any]) -> Any:
-    """The dataclass from a validated model's values: nested dataclasses rebuilt, paths made Paths."""
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        value, hint = values[f.name], hints[f.name]
-        if isinstance(value, BaseModel):
-            value = value.model_dump()
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):  # (a default instance stays)
-            value = _build(hint, value)  # type: ignore[arg-type]
-        elif value is not None and Path in (hint, *typing.get_args(hint)) and str not in typing.get_args(hint):
-            value = Path(value)  # `cache` (Path | str) stays as saved: a URL must keep its //
-        kwargs[f.name] = value
-    return cls(**kwargs)
+def _values(model: BaseModel) -> dict[str, Any]:
+    """A validated model's values in JSON form, for :func:`~dinomix_cache.settings_codec.settings_from_json`
+    (a default nested dataclass instance stays as it is)."""
+    return {name: value.model_dump() if isinstance(value, BaseModel) else value
+            for name, value in ((n, getattr(model, n)) for n in type(model).model_fields)}
 
 
 def dataclass_from_json(cls: type, text: str, where: str) -> Any:
@@ -146,9 +127,26 @@ def dataclass_from_json(cls: type, text: str, where: str) -> Any:
         raise UserError(f"{where}: invalid setting {validation_message(exc)}; restore the file as training wrote "
                         "it, or start a new run") from None
     try:
-        return _build(cls, {name: getattr(model, name) for name in type(model).model_fields})
+        return settings_from_json(cls, _values(model), cls.__name__)
     except (ValueError, TypeError, UserError) as exc:
         raise UserError(f"{where}: {' '.join(str(exc).split())}; restore the file, or start a new run") from None
+
+
+def train_settings_from_json(text: str, where: str) -> TrainSettings:
+    """A run's ``settings.json`` text as validated :class:`TrainSettings` (:func:`dataclass_from_json`).
+    The fields that runs saved before them did not record take the values those runs trained with
+    (:func:`~stage2_train.train.settings.with_saved_defaults`), not the dataclass defaults.
+
+    Raises:
+        UserError: as :func:`dataclass_from_json`.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None  # refused below, with the file named
+    if isinstance(data, dict):
+        text = json.dumps(with_saved_defaults(data))
+    return dataclass_from_json(TrainSettings, text, where)  # type: ignore[no-any-return]
 
 
 class _Identity(BaseModel):

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
-from dinomix_cache.errors import UserError
+from dinomix_cache.errors import SettingsError, check_choice
 from dinomix_cache.store.locations import as_location
+from stage2_train.method.losses import AUX_MODES, AuxMode
 from stage2_train.method.pic import PicSettings
-from stage2_train.targets.views import TEACHER_VIEWS
-from stage2_train.train.precision import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
+from stage2_train.targets.policies import POLICIES, Targets
+from stage2_train.targets.views import TEACHER_VIEWS, ViewName
+from stage2_train.train.precision import (
+    MEMORY_FORMATS,
+    PRECISIONS,
+    MemoryFormat,
+    Precision,
+    resolve_memory_format,
+    resolve_precision,
+)
 
-PRESETS = ("paper", "cpu", "cpu-small")
-CROP_GRIDS = ("token", "voxel")
+__all__ = ["AUX_MODES", "CROP_GRIDS", "DEFAULT_PRESET", "MEMORY_FORMATS", "POLICIES", "PRECISIONS", "PRESETS",
+           "TEACHER_VIEWS", "CropGrid", "Preset", "SettingsError", "TrainSettings", "preset", "with_saved_defaults"]
 
-
-class SettingsError(UserError, ValueError):
-    """Training settings that cannot work (a ValueError; the CLI prints it as one line, exit 2)."""
+Preset = Literal["paper", "cpu", "cpu-small"]
+PRESETS: tuple[Preset, ...] = get_args(Preset)
+DEFAULT_PRESET: Preset = "paper"  # the dataclass defaults
+CropGrid = Literal["token", "voxel"]
+CROP_GRIDS: tuple[CropGrid, ...] = get_args(CropGrid)
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,10 @@ class TrainSettings:
         dropout: the VNet's Dropout3d(0.5) on x5 and the last decoder feature (DHC). Off in
             ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a student
             trained with it stayed far behind one without (``docs/measurements.md``).
+
+    Raises:
+        SettingsError: a value outside its ``Literal`` (``targets``, ``aux_mode``, ``teacher_view``,
+            ``crop_grid``, ``precision``, ``memory_format``), naming the CLI option; at construction.
     """
 
     cache: Path | str
@@ -94,32 +110,28 @@ class TrainSettings:
     pic: PicSettings = field(default_factory=PicSettings)
     fkd: bool = True
     aux: bool = True
-    aux_mode: str = "exclude"
+    aux_mode: AuxMode = "exclude"
     labeled_only: bool = False
-    targets: str = "hybrid"
+    targets: Targets = "hybrid"
     seed: int = 0
     checkpoint_every: int = 50
-    precision: str = "auto"
-    memory_format: str = "auto"
+    precision: Precision = "auto"
+    memory_format: MemoryFormat = "auto"
     projector_hidden: int | None = None
     dropout: bool = True
-    teacher_view: str = "slice"
-    crop_grid: str | None = None
+    teacher_view: ViewName = "slice"
+    crop_grid: CropGrid | None = None
 
     def __post_init__(self) -> None:
         # Every reader of `cache` then sees one form, whether it came from the CLI (str), JSON or Path().
         object.__setattr__(self, "cache", as_location(self.cache))
-        if self.teacher_view not in TEACHER_VIEWS:
-            raise SettingsError(f"unknown teacher view {self.teacher_view!r} (--teacher-view): use one of "
-                                f"{', '.join(TEACHER_VIEWS)}")
-        if self.crop_grid is not None and self.crop_grid not in CROP_GRIDS:
-            raise SettingsError(f"unknown crop grid {self.crop_grid!r} (--crop-grid): use one of "
-                                f"{', '.join(CROP_GRIDS)}")
-        if self.precision not in PRECISIONS:
-            raise SettingsError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.memory_format not in MEMORY_FORMATS:
-            raise SettingsError(f"unknown memory format {self.memory_format!r}: use one of "
-                                f"{', '.join(MEMORY_FORMATS)}")
+        check_choice(self.targets, POLICIES, "--targets", "targets")
+        check_choice(self.aux_mode, AUX_MODES, "--aux-mode", "aux mode")
+        check_choice(self.teacher_view, TEACHER_VIEWS, "--teacher-view", "teacher view")
+        if self.crop_grid is not None:
+            check_choice(self.crop_grid, CROP_GRIDS, "--crop-grid", "crop grid")
+        check_choice(self.precision, PRECISIONS, "--precision", "precision")
+        check_choice(self.memory_format, MEMORY_FORMATS, "--memory-format", "memory format")
 
     @property
     def batch(self) -> int:
@@ -127,7 +139,7 @@ class TrainSettings:
         return self.n_labeled + self.n_unlabeled
 
     @property
-    def effective_crop_grid(self) -> str:
+    def effective_crop_grid(self) -> CropGrid:
         """``crop_grid``, or where it is None the view's own: ``voxel`` (slice view), ``token`` (crop view)."""
         if self.crop_grid is not None:
             return self.crop_grid
@@ -160,12 +172,18 @@ def with_saved_defaults(data: object) -> object:
 
 
 def preset(name: str, cache: Path | str) -> TrainSettings:
-    """The named preset: ``paper`` (the paper's settings) or ``cpu-small`` (width 4, 32x64x64 crops,
-    no dropout, 30 epochs of 8 iterations: minutes on a CPU, for demos; not for accuracy)."""
+    """The named preset: ``paper`` (the paper's settings), ``cpu`` (the CPU demo's: width 8, 48x64x64 crops,
+    no dropout, 50 epochs) or ``cpu-small`` (width 4, 32x64x64 crops, no dropout, 30 epochs of 8 iterations:
+    1.5-3 minutes on 2 CPU cores, for demos; not for accuracy).
+
+    Raises:
+        SettingsError: an unknown name (naming ``--preset``).
+    """
+    check_choice(name, PRESETS, "--preset", "preset")
     if name == "paper":
         return TrainSettings(cache=cache)
     if name == "cpu":
         return TrainSettings(cache=cache, width=8, crop=(48, 64, 64), epochs=50, checkpoint_every=40, dropout=False)
     if name == "cpu-small":
         return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=30, checkpoint_every=40, dropout=False)
-    raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    raise AssertionError(f"preset {name!r} is in PRESETS but has no settings")

@@ -22,7 +22,7 @@ from dinomix_cache.store.inspection import verify_store
 from stage1_extract.cluster import start_local_cluster
 from stage1_extract.pipeline import _batches, case_batch_plan
 from stage1_extract.runner import run_extraction
-from tests.conftest import TINY_PHANTOM, TINY_SHAPE, tiny_settings
+from tests.tiny import TINY_PHANTOM, TINY_SHAPE, tiny_settings
 
 # Time-like attributes, and the settings that necessarily differ between the two runs.
 VARYING = (("producer", "created"), ("extraction", "finished"))

@@ -15,7 +15,7 @@ from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.inspection import store_info, verify_store
 from dinomix_cache.teacher.model import RANDOM_LABEL, TeacherSettings
 from stage1_extract.runner import run_extraction
-from tests.conftest import TINY_SHAPE, tiny_settings
+from tests.tiny import TINY_SHAPE, tiny_settings
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -12,7 +12,7 @@ from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import TeacherSettings, load_teacher
 from stage1_extract.runner import run_extraction
 from stage1_extract.windows import window_geometry
-from tests.conftest import tiny_settings
+from tests.tiny import tiny_settings
 
 SHAPE = (16, 64, 64)
 TEACHER = "random:ctx-tiny"

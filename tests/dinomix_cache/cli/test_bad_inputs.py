@@ -21,8 +21,8 @@ import torch
 import zarr
 
 from dinomix_cache.store.lock import StoreLock
-from tests.conftest import TINY_PHANTOM
 from tests.corpus import TRAIN, cli, copy_store, edit_attrs, feature_chunks, read_only, refused, unchanged, write_msd
+from tests.tiny import TINY_PHANTOM
 
 ROOT = Path(__file__).resolve().parents[3]
 UNLABELED = ("0001", "0002", "0005")  # the tiny split's unlabeled cases (0006 labeled, 0003 eval, 0004 test)

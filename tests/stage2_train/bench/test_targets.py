@@ -8,8 +8,7 @@ from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.teacher.model import TeacherSettings
 from stage1_extract.runner import run_extraction
 from stage2_train.bench.targets import bench_targets
-from tests.conftest import tiny_settings
-from tests.tiny import tiny_train
+from tests.tiny import tiny_settings, tiny_train
 
 
 @pytest.fixture(scope="module")

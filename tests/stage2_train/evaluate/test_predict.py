@@ -13,7 +13,7 @@ from dinomix_cache.data.preprocess import PreprocessSettings, load_case
 from dinomix_cache.errors import UserError
 from dinomix_cache.phantom.generate import PhantomSettings, generate_phantom
 from stage2_train.evaluate.predict import predict_paths, segment_file, write_label
-from tests.conftest import TINY_SHAPE
+from tests.tiny import TINY_SHAPE
 
 NUM_CLASSES = 14
 # Matrix 96 with 7.5 mm slices: in-plane 3.7 mm, so organs exceed 1000 voxels and spacing is anisotropic.

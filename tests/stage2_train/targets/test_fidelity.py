@@ -11,7 +11,7 @@ from dinomix_cache.data.preprocess import PreprocessSettings, load_case
 from dinomix_cache.data.roles import SplitSettings
 from dinomix_cache.teacher.model import TeacherSettings, load_teacher
 from stage2_train.targets.fidelity import context_cosine, cosine_fidelity
-from tests.conftest import TINY_PHANTOM
+from tests.tiny import TINY_PHANTOM
 
 
 def test_cosine_fidelity():

@@ -19,7 +19,7 @@ from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.fidelity import cosine_fidelity
 from stage2_train.targets.geometry import cache_window
 from stage2_train.targets.policies import CacheTargets, HybridTargets, MixedCrop, OnlineTargets, make_policy
-from tests.conftest import tiny_settings
+from tests.tiny import tiny_settings
 
 SHAPE = (32, 64, 64)  # (D, H, W): 4 x 4 token grid, 128 channels with the tiny teachers
 C = 128

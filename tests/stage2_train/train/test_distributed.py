@@ -29,8 +29,7 @@ from stage2_train.train.distributed import Distributed, rank_share, weights_sha2
 from stage2_train.train.loop import open_training_store, train
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.settings import TrainSettings
-from tests.conftest import tiny_settings
-from tests.tiny import tiny_train
+from tests.tiny import tiny_settings, tiny_train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 RUN_FILES = {"settings.json", "store.json", "log.jsonl", "latest.pt", "best.pt", "progress.png"}

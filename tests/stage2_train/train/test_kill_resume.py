@@ -13,7 +13,7 @@ import numpy as np
 
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.inspection import verify_store
-from tests.conftest import TINY_PHANTOM
+from tests.tiny import TINY_PHANTOM
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -13,8 +13,7 @@ from dinomix_cache.errors import UserError
 from stage1_extract.runner import run_extraction
 from stage2_train.train.loop import train
 from stage2_train.train.run_folder import RunFolder
-from tests.conftest import tiny_settings
-from tests.tiny import tiny_train
+from tests.tiny import tiny_settings, tiny_train
 
 SHAPE = (32, 64, 64)
 

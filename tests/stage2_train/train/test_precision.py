@@ -10,10 +10,11 @@ import torch
 
 from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.errors import UserError
+from dinomix_cache.settings_codec import settings_to_json
 from stage1_extract.runner import run_extraction
 from stage2_train.evaluate.inference import inference_precision
 from stage2_train.train import precision
-from stage2_train.train.loop import settings_from_json, settings_to_json, train
+from stage2_train.train.loop import train
 from stage2_train.train.precision import (
     cpu_bf16_native,
     cpu_bf16_problem,
@@ -22,9 +23,9 @@ from stage2_train.train.precision import (
     student_autocast,
 )
 from stage2_train.train.run_folder import RunFolder
+from stage2_train.train.run_schema import train_settings_from_json
 from stage2_train.train.settings import PRESETS, TrainSettings, preset
-from tests.conftest import tiny_settings
-from tests.tiny import tiny_train
+from tests.tiny import tiny_settings, tiny_train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -124,7 +125,7 @@ def test_presets_resolve():
 def test_old_settings_json_keeps_float32_on_cpu():
     data = settings_to_json(TrainSettings(cache="s.zarr"))
     del data["precision"], data["memory_format"]
-    old = settings_from_json(data)
+    old = train_settings_from_json(json.dumps(data), "settings.json")
     assert old.memory_format == "contiguous"
     assert old.precision == ("bfloat16" if torch.cuda.is_available() else "float32")
 
