@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, c
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.store_schema import MAX_HIDDEN, MAX_SIDE, StoreAttrs, check_store_attrs, validation_message
-from stage2_train.networks import MEMORY_FORMATS, PRECISIONS
+from stage2_train.networks import MEMORY_FORMATS, NORMALIZATIONS, PRECISIONS
 from stage2_train.settings import CROP_GRIDS
 from stage2_train.teacher_views import TEACHER_VIEWS
 
@@ -69,6 +69,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher_view": TEACHER_VIEWS,
     "precision": PRECISIONS,
     "memory_format": MEMORY_FORMATS,
+    "normalization": NORMALIZATIONS,
 }
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
