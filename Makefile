@@ -12,15 +12,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Offline, on CPU: generate the phantom, extract its features with a random-init DINOv3
-# (labelled "random, not pretrained"), show and verify the store, train the student with the
-# cpu-small preset into runs/demo (replaced on every demo), and evaluate it on the test split.
+# Offline, on CPU: generate the phantom, extract its features at a CPU-sized grid (48x96x96) with a
+# random-init DINOv3 (labelled "random, not pretrained"), show and verify the store, train the student
+# with the cpu preset into runs/demo (replaced on every demo), and evaluate it on the test split.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/dinomix-cache extract --dataset phantom --teacher random:tiny --out storage/phantom.zarr
-	$(VENV)/bin/dinomix-cache info storage/phantom.zarr
-	$(VENV)/bin/dinomix-cache verify storage/phantom.zarr --data data/phantom
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dinomix-cache extract --dataset phantom --teacher random:tiny --target-shape 48x96x96 --out storage/phantom-cpu.zarr
+	$(VENV)/bin/dinomix-cache info storage/phantom-cpu.zarr
+	$(VENV)/bin/dinomix-cache verify storage/phantom-cpu.zarr --data data/phantom
 	rm -rf runs/demo
-	HF_HUB_OFFLINE=1 $(VENV)/bin/dinomix-cache train --cache storage/phantom.zarr --preset cpu-small --out runs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dinomix-cache train --cache storage/phantom-cpu.zarr --preset cpu --out runs/demo
 	$(VENV)/bin/dinomix-cache evaluate --run runs/demo
 
 test: $(STAMP)

@@ -39,6 +39,7 @@ app.command()(inference.evaluate)
 app.command()(inference.predict)
 bench_app.command("extract")(bench.bench_extract_cmd)
 bench_app.command("targets")(bench.bench_targets_cmd)
+bench_app.command("step")(bench.bench_step_cmd)
 bench_app.command("ablation")(bench.bench_ablation_cmd)
 
 

@@ -1,4 +1,4 @@
-"""The ``bench`` verbs: ``bench extract``, ``bench targets`` and ``bench ablation``."""
+"""The ``bench`` verbs: ``bench extract``, ``bench targets``, ``bench step`` and ``bench ablation``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from dinomix_cache.cli.extract import (
 )
 from stage1_extract.bench import bench_extract
 from stage2_train.bench.ablation import ROWS, SEEDS, AblationSettings, run_ablation
+from stage2_train.bench.step import VARIANTS, bench_step
 from stage2_train.bench.targets import bench_targets
 from stage2_train.train.settings import TrainSettings
 from stage2_train.train.settings import preset as make_preset
@@ -102,6 +103,32 @@ def bench_targets_cmd(
         for mode, entry in result.items():
             text = "  ".join(f"{k} {v}" for k, v in entry.items()) if isinstance(entry, dict) else str(entry)
             out.print(f"{mode:<14}{text}", highlight=False)
+
+
+@user_errors
+def bench_step_cmd(
+    cache: str = typer.Option(..., "--cache", help="The feature store (its volumes must hold the preset's crop)."),
+    preset: str = typer.Option("cpu", "--preset", help="Training settings: paper, cpu or cpu-small."),
+    steps: int = typer.Option(5, "--steps", help="Timed iterations per variant, interleaved (after the warm-up)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds of both variants first."),
+    seed: int = typer.Option(TrainSettings.seed, "--seed", help="Seed of the sampled batches (the same for both "
+                             "variants)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+) -> None:
+    """Step time of a preset in float32 with contiguous tensors against the precision and memory format
+    train resolves on this machine (--precision auto, --memory-format auto), stepped alternately on the
+    same batches: median, min and max of the timed steps, and the speed-up."""
+    setup_logging()
+    result = bench_step(replace(make_preset(preset, cache), seed=seed), steps=steps, warmup=warmup)
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(f"preset {preset}: {result['preset']}", highlight=False)
+    for variant in VARIANTS:
+        r = result[variant]
+        out.print(f"{variant:<8} {r['precision']} {r['memory_format']}: {r['step_s']:.3f} s/step "
+                  f"(min {r['min_s']:.3f}, max {r['max_s']:.3f})", highlight=False)
+    out.print(f"speed-up {result['speedup']:.2f}x", highlight=False)
 
 
 @user_errors

@@ -23,8 +23,9 @@ def train(
     out_path: Path | None = typer.Option(None, "--out", help="Run folder. Default runs/STORE-TARGETS-seedSEED."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder, only for a store made with --no-volumes "
                                      "(volumes are rebuilt from the recorded source files)."),
-    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help="paper (the paper's settings) or cpu-small (width 4, "
-                               "32x64x64 crops, no dropout, 30 epochs: 1.5-3 minutes on 2 CPU cores, for demos)."),
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help="paper (the paper's settings), cpu (width 8, "
+                               "48x64x64 crops, instance norm, lr 0.5, 30 epochs: the demo's, for a store made with "
+                               "--target-shape 48x96x96) or cpu-small (width 4, 32x64x64 crops, 30 epochs)."),
     targets: str = typer.Option(TrainSettings.targets, "--targets",
                                 help="Distillation targets: hybrid (cache, teacher only for "
                                 "mixed or flipped slices), cache (no teacher at all) or online (teacher always)."),
@@ -32,9 +33,12 @@ def train(
     epochs: int | None = typer.Option(None, "--epochs", help="E_max (an epoch = one pass over the unlabeled cases). "
                                       "On --resume, a larger value trains longer with the schedule stretched."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run folder from its latest checkpoint."),
-    width: int | None = typer.Option(None, "--width", help="VNet base width (preset: 32 paper, 4 cpu-small)."),
+    width: int | None = typer.Option(None, "--width", help="VNet base width (preset: 32 paper, 8 cpu, 4 cpu-small)."),
     crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (multiples of 16)."),
     tau: float | None = typer.Option(None, "--tau", help="Pseudo-label confidence threshold (default 0.95)."),
+    lr: float | None = typer.Option(None, "--lr", help="Initial SGD learning rate (preset: 0.1 paper, 0.5 cpu)."),
+    normalization: str | None = typer.Option(None, "--normalization", help="VNet normalisation: batch (BatchNorm, "
+                                             "DHC's; preset paper) or instance (InstanceNorm; preset cpu)."),
     teacher_view: str = typer.Option(
         TrainSettings.teacher_view, "--teacher-view",
         help="What the teacher sees of each training crop. slice (default): the whole "
@@ -90,7 +94,8 @@ def train(
                      "aux": not no_aux, "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode,
                      "pic": pic, "teacher_view": teacher_view, "crop_grid": crop_grid, "precision": precision,
                      "memory_format": memory_format}
-    for key, value in (("epochs", epochs), ("width", width), ("tau", tau)):
+    for key, value in (("epochs", epochs), ("width", width), ("tau", tau), ("lr", lr),
+                       ("normalization", normalization)):
         if value is not None:
             changes[key] = value
     if crop:

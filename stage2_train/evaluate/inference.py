@@ -170,7 +170,8 @@ def load_run_model(run: Path, checkpoint: str = "best", device: torch.device | N
                         f"{list(attrs.preprocessing.target_shape)} (store.json); the run folder's files disagree")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = DinoMixStudent(attrs.num_classes, attrs.teacher.hidden_size, width=settings.width,
-                             projector_hidden=settings.projector_hidden, dropout=settings.dropout)
+                             projector_hidden=settings.projector_hidden, dropout=settings.dropout,
+                             normalization=settings.normalization)
     mismatch = state_dict_mismatch(network.state_dict(), payload["networks"]["student"])
     if mismatch:
         raise UserError(f"{folder.path / (found + '.pt')} does not fit the student that settings.json and store.json "

@@ -99,7 +99,8 @@ class DinoMixIteration:
         self.memory_format = torch_memory_format(resolve_memory_format(settings.memory_format, device,
                                                                        self.precision))
         self.student = DinoMixStudent(num_classes, store.attrs.teacher.hidden_size, width=settings.width,
-                                      projector_hidden=settings.projector_hidden, dropout=settings.dropout)
+                                      projector_hidden=settings.projector_hidden, dropout=settings.dropout,
+                                      normalization=settings.normalization)
         self.student.to(device=device, memory_format=self.memory_format)
         self.ema = EmaTeacher(self.student)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=settings.lr, momentum=settings.momentum,

@@ -16,12 +16,15 @@ Shapes use (B, C, D, H, W); D is the axial (slice) axis.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 __all__ = [
     "DOWNSAMPLE_FACTOR",
+    "NORMALIZATIONS",
+    "Normalization",
     "DinoMixStudent",
     "Projector",
     "StudentOutput",
@@ -65,30 +68,43 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _conv_stack(n_convs: int, channels: int, in_channels: int | None = None) -> nn.Sequential:
-    """``n_convs`` × (Conv3d 3×3×3, padding 1 → BatchNorm3d → ReLU); no residual connection (as DHC)."""
+Normalization = Literal["batch", "instance"]
+NORMALIZATIONS: tuple[Normalization, ...] = get_args(Normalization)
+
+
+def _norm(channels: int, normalization: str) -> nn.Module:
+    """BatchNorm3d (DHC's) or InstanceNorm3d with a learned scale and shift (no running statistics)."""
+    if normalization == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    return nn.BatchNorm3d(channels)
+
+
+def _conv_stack(n_convs: int, channels: int, in_channels: int | None = None,
+                normalization: str = "batch") -> nn.Sequential:
+    """``n_convs`` × (Conv3d 3×3×3, padding 1 → norm → ReLU); no residual connection (as DHC)."""
     layers: list[nn.Module] = []
     c_in = channels if in_channels is None else in_channels
     for _ in range(n_convs):
-        layers += [nn.Conv3d(c_in, channels, kernel_size=3, padding=1), nn.BatchNorm3d(channels), nn.ReLU(inplace=True)]
+        layers += [nn.Conv3d(c_in, channels, kernel_size=3, padding=1), _norm(channels, normalization),
+                   nn.ReLU(inplace=True)]
         c_in = channels
     return nn.Sequential(*layers)
 
 
-def _down(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Conv3d kernel 2 stride 2 → BN → ReLU: halves every spatial side."""
+def _down(in_channels: int, out_channels: int, normalization: str = "batch") -> nn.Sequential:
+    """Conv3d kernel 2 stride 2 → norm → ReLU: halves every spatial side."""
     return nn.Sequential(
         nn.Conv3d(in_channels, out_channels, kernel_size=2, stride=2),
-        nn.BatchNorm3d(out_channels),
+        _norm(out_channels, normalization),
         nn.ReLU(inplace=True),
     )
 
 
-def _up(in_channels: int, out_channels: int) -> nn.Sequential:
-    """ConvTranspose3d kernel 2 stride 2 → BN → ReLU: doubles every spatial side."""
+def _up(in_channels: int, out_channels: int, normalization: str = "batch") -> nn.Sequential:
+    """ConvTranspose3d kernel 2 stride 2 → norm → ReLU: doubles every spatial side."""
     return nn.Sequential(
         nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2),
-        nn.BatchNorm3d(out_channels),
+        _norm(out_channels, normalization),
         nn.ReLU(inplace=True),
     )
 
@@ -104,7 +120,8 @@ class VNet(nn.Module):
 
     Decoder: ``up4(x5) + x4 -> dec4`` (3 convs), ``up3 + x3 -> dec3`` (3), ``up2 + x2 -> dec2`` (2),
     ``up1 + x1 -> dec1`` (1) giving the last feature x9 (w channels), then ``main_head`` and ``aux_head``.
-    Every conv block is Conv3d 3×3×3 (padding 1, with bias) + BatchNorm3d + ReLU. Skips are added, so each
+    Every conv block is Conv3d 3×3×3 (padding 1, with bias) + BatchNorm3d (DHC's; InstanceNorm3d with
+    ``normalization="instance"``) + ReLU. Skips are added, so each
     up-convolution outputs exactly the channels of the skip map it meets.
 
     With ``dropout`` on, Dropout3d(p=0.5) is applied to x5 (before the decoder) and to x9 (before the heads),
@@ -117,40 +134,49 @@ class VNet(nn.Module):
         num_classes: output classes including background (14 for Synapse, 16 for AMOS).
         width: base channel count w (``n_filters`` in DHC; 32 in the peers, 4–8 for tests and CPU demos).
         dropout: apply Dropout3d(0.5) to x5 and x9 in training mode.
+        normalization: ``batch`` (BatchNorm3d, DHC's) or ``instance`` (InstanceNorm3d with a learned
+            scale and shift: each crop normalised by its own statistics, in training and in inference).
+            With small crops (48x64x64: 3x4x4 voxels at x5) and batches of four, BatchNorm's running
+            statistics can stop matching the batch statistics the network learned with, so that ``eval()``
+            loses organs the training batches segment; instance normalisation has no running statistics.
 
     Raises:
-        ValueError: if a count is below 1.
+        ValueError: if a count is below 1 or ``normalization`` is unknown.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 14, width: int = 32, dropout: bool = True) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 14, width: int = 32, dropout: bool = True,
+                 normalization: str = "batch") -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
             if value < 1:
                 raise ValueError(f"VNet {name} must be at least 1, got {value}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"VNet normalization {normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
+        self.normalization = normalization
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.width = width
         self.has_dropout = dropout
         w = width
 
-        self.enc1 = _conv_stack(1, w, in_channels=in_channels)
-        self.down1 = _down(w, 2 * w)
-        self.enc2 = _conv_stack(2, 2 * w)
-        self.down2 = _down(2 * w, 4 * w)
-        self.enc3 = _conv_stack(3, 4 * w)
-        self.down3 = _down(4 * w, 8 * w)
-        self.enc4 = _conv_stack(3, 8 * w)
-        self.down4 = _down(8 * w, 16 * w)
-        self.enc5 = _conv_stack(3, 16 * w)
+        self.enc1 = _conv_stack(1, w, in_channels=in_channels, normalization=normalization)
+        self.down1 = _down(w, 2 * w, normalization)
+        self.enc2 = _conv_stack(2, 2 * w, normalization=normalization)
+        self.down2 = _down(2 * w, 4 * w, normalization)
+        self.enc3 = _conv_stack(3, 4 * w, normalization=normalization)
+        self.down3 = _down(4 * w, 8 * w, normalization)
+        self.enc4 = _conv_stack(3, 8 * w, normalization=normalization)
+        self.down4 = _down(8 * w, 16 * w, normalization)
+        self.enc5 = _conv_stack(3, 16 * w, normalization=normalization)
 
-        self.up4 = _up(16 * w, 8 * w)
-        self.dec4 = _conv_stack(3, 8 * w)
-        self.up3 = _up(8 * w, 4 * w)
-        self.dec3 = _conv_stack(3, 4 * w)
-        self.up2 = _up(4 * w, 2 * w)
-        self.dec2 = _conv_stack(2, 2 * w)
-        self.up1 = _up(2 * w, w)
-        self.dec1 = _conv_stack(1, w)
+        self.up4 = _up(16 * w, 8 * w, normalization)
+        self.dec4 = _conv_stack(3, 8 * w, normalization=normalization)
+        self.up3 = _up(8 * w, 4 * w, normalization)
+        self.dec3 = _conv_stack(3, 4 * w, normalization=normalization)
+        self.up2 = _up(4 * w, 2 * w, normalization)
+        self.dec2 = _conv_stack(2, 2 * w, normalization=normalization)
+        self.up1 = _up(2 * w, w, normalization)
+        self.dec1 = _conv_stack(1, w, normalization=normalization)
 
         # One module serves both sites: Dropout3d has no state, and each call draws its own channel mask.
         self.dropout: nn.Module = nn.Dropout3d(p=0.5) if dropout else nn.Identity()
@@ -169,7 +195,7 @@ class VNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
                 nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm3d):
+            elif isinstance(m, nn.BatchNorm3d | nn.InstanceNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -307,6 +333,7 @@ class DinoMixStudent(nn.Module):
         projector_hidden: hidden width of the projector; ``None`` for a single 1×1×1 conv.
         dropout: VNet dropout in training mode (see :class:`VNet`).
         in_channels: image channels.
+        normalization: the VNet's ``batch`` or ``instance`` normalisation (see :class:`VNet`).
     """
 
     def __init__(
@@ -317,9 +344,11 @@ class DinoMixStudent(nn.Module):
         projector_hidden: int | None = None,
         dropout: bool = True,
         in_channels: int = 1,
+        normalization: str = "batch",
     ) -> None:
         super().__init__()
-        self.vnet = VNet(in_channels=in_channels, num_classes=num_classes, width=width, dropout=dropout)
+        self.vnet = VNet(in_channels=in_channels, num_classes=num_classes, width=width, dropout=dropout,
+                         normalization=normalization)
         self.projector = Projector(self.vnet.deep_channels, teacher_channels, hidden=projector_hidden)
 
     def forward(self, x: torch.Tensor) -> StudentOutput:

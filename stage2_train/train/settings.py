@@ -11,6 +11,7 @@ import torch
 from dinomix_cache.errors import SettingsError, check_choice
 from dinomix_cache.store.locations import as_location
 from stage2_train.method.losses import AUX_MODES, AuxMode
+from stage2_train.method.networks import NORMALIZATIONS, Normalization
 from stage2_train.method.pic import PicSettings
 from stage2_train.targets.policies import POLICIES, Targets
 from stage2_train.targets.views import TEACHER_VIEWS, ViewName
@@ -84,9 +85,13 @@ class TrainSettings:
             ``cpu-small``: at width 4 it drops whole channels of a 4-channel feature, and a student
             trained with it stayed far behind one without (``docs/measurements.md``).
 
+        normalization: the VNet's ``batch`` (BatchNorm3d, DHC's; the default) or ``instance``
+            (InstanceNorm3d, the ``cpu`` preset's: no running statistics that small crops and batches
+            of four can leave behind the weights; see the README's CPU section).
+
     Raises:
         SettingsError: a value outside its ``Literal`` (``targets``, ``aux_mode``, ``teacher_view``,
-            ``crop_grid``, ``precision``, ``memory_format``), naming the CLI option; at construction.
+            ``crop_grid``, ``precision``, ``memory_format``, ``normalization``), naming the CLI option; at construction.
     """
 
     cache: Path | str
@@ -121,6 +126,7 @@ class TrainSettings:
     dropout: bool = True
     teacher_view: ViewName = "slice"
     crop_grid: CropGrid | None = None
+    normalization: Normalization = "batch"
 
     def __post_init__(self) -> None:
         # Every reader of `cache` then sees one form, whether it came from the CLI (str), JSON or Path().
@@ -132,6 +138,7 @@ class TrainSettings:
             check_choice(self.crop_grid, CROP_GRIDS, "--crop-grid", "crop grid")
         check_choice(self.precision, PRECISIONS, "--precision", "precision")
         check_choice(self.memory_format, MEMORY_FORMATS, "--memory-format", "memory format")
+        check_choice(self.normalization, NORMALIZATIONS, "--normalization", "normalization")
 
     @property
     def batch(self) -> int:
@@ -172,9 +179,9 @@ def with_saved_defaults(data: object) -> object:
 
 
 def preset(name: str, cache: Path | str) -> TrainSettings:
-    """The named preset: ``paper`` (the paper's settings), ``cpu`` (the CPU demo's: width 8, 48x64x64 crops,
-    no dropout, 50 epochs) or ``cpu-small`` (width 4, 32x64x64 crops, no dropout, 30 epochs of 8 iterations:
-    1.5-3 minutes on 2 CPU cores, for demos; not for accuracy).
+    """The named preset: ``paper`` (the paper's settings); ``cpu`` (width 8, 48x64x64 crops, no dropout,
+    instance normalisation, lr 0.5, 30 epochs: the CPU demo's, for a store made at ``--target-shape
+    48x96x96``); ``cpu-small`` (width 4, 32x64x64 crops, no dropout, 30 epochs: a smoke run, not for accuracy).
 
     Raises:
         SettingsError: an unknown name (naming ``--preset``).
@@ -183,7 +190,8 @@ def preset(name: str, cache: Path | str) -> TrainSettings:
     if name == "paper":
         return TrainSettings(cache=cache)
     if name == "cpu":
-        return TrainSettings(cache=cache, width=8, crop=(48, 64, 64), epochs=50, checkpoint_every=40, dropout=False)
+        return TrainSettings(cache=cache, width=8, crop=(48, 64, 64), epochs=30, lr=0.5, checkpoint_every=40,
+                             dropout=False, normalization="instance")
     if name == "cpu-small":
         return TrainSettings(cache=cache, width=4, crop=(32, 64, 64), epochs=30, checkpoint_every=40, dropout=False)
     raise AssertionError(f"preset {name!r} is in PRESETS but has no settings")

@@ -301,3 +301,36 @@ def test_ema_state_dict_round_trip(tmp_path):
     assert all(not p.requires_grad for p in restored.module.parameters())
     x = _batch((1, 1, 16, 32, 32))
     assert torch.equal(ema(x).projected, restored(x).projected)
+
+
+# ---------------------------------------------------------------------------------------- normalisation
+def test_instance_normalisation_normalises_each_crop_on_its_own():
+    net = _model(normalization="instance", dropout=False)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert sum(isinstance(m, nn.InstanceNorm3d) for m in net.modules()) == sum(
+        isinstance(m, nn.BatchNorm3d) for m in _model(dropout=False).modules())
+    a, b = _batch((1, 1, 16, 32, 32), seed=1), _batch((1, 1, 16, 32, 32), seed=2) * 3
+    with torch.no_grad():
+        net.train()
+        together = net(torch.cat([a, b])).logits
+        net.eval()
+        alone = torch.cat([net(a).logits, net(b).logits])
+    # no running statistics: a crop's output does not depend on its batch or on train/eval mode (up to the
+    # convolutions' batch-size-dependent float32 summation order)
+    torch.testing.assert_close(together, alone, rtol=0, atol=2e-3)
+    assert not list(net.buffers())
+
+
+def test_batch_normalisation_depends_on_the_batch_in_training_mode():
+    net = _model(dropout=False)
+    a, b = _batch((1, 1, 16, 32, 32), seed=1), _batch((1, 1, 16, 32, 32), seed=2) * 3
+    with torch.no_grad():
+        net.train()
+        together = net(torch.cat([a, b])).logits[:1]
+        alone = net(a).logits
+    assert (together - alone).abs().max() > 1e-2
+
+
+def test_unknown_normalisation_is_refused():
+    with pytest.raises(ValueError, match="normalization 'group'"):
+        VNet(normalization="group")

@@ -115,11 +115,14 @@ def test_presets_resolve():
         assert r.precision in ("float32", "bfloat16") and r.memory_format in ("contiguous", "channels_last")
         assert r.out is not None
     cpu = preset("cpu", "s.zarr")
-    assert (cpu.width, cpu.crop, cpu.dropout) == (8, (48, 64, 64), False)
+    assert (cpu.width, cpu.crop, cpu.dropout, cpu.normalization) == (8, (48, 64, 64), False, "instance")
+    assert preset("paper", "s.zarr").normalization == "batch"
     with pytest.raises(ValueError):
         preset("gpu-huge", "s.zarr")
     with pytest.raises(ValueError):
         TrainSettings(cache="s.zarr", precision="half")
+    with pytest.raises(ValueError, match="--normalization"):
+        TrainSettings(cache="s.zarr", normalization="group")
 
 
 def test_old_settings_json_keeps_float32_on_cpu():
