@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -494,6 +495,39 @@ def bench_targets_cmd(
         for mode, entry in result.items():
             text = "  ".join(f"{k} {v}" for k, v in entry.items()) if isinstance(entry, dict) else str(entry)
             out.print(f"{mode:<14}{text}", highlight=False)
+
+
+@bench_app.command("step")
+@user_errors
+def bench_step_cmd(
+    cache: str = typer.Option(..., "--cache", help="The feature store (its volumes must hold the preset's crop)."),
+    preset: str = typer.Option("cpu", "--preset", help="Training settings: paper, cpu or cpu-small."),
+    steps: int = typer.Option(5, "--steps", help="Timed iterations per variant, interleaved (after the warm-up)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds of both variants first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled batches (the same for both variants)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+) -> None:
+    """Step time of a preset in float32 with contiguous tensors against the precision and memory format
+    train resolves on this machine (--precision auto, --memory-format auto), stepped alternately on the
+    same batches: median, min and max of the timed steps, and the speed-up."""
+    _setup_logging()
+    from stage2_train.bench_step import bench_step
+    from stage2_train.settings import preset as make_preset
+
+    try:
+        settings = replace(make_preset(preset, cache), seed=seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = bench_step(settings, steps=steps, warmup=warmup)
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(f"preset {preset}: {result['preset']}", highlight=False)
+    for variant in ("float32", "auto"):
+        r = result[variant]
+        out.print(f"{variant:<8} {r['precision']} {r['memory_format']}: {r['step_s']:.3f} s/step "
+                  f"(min {r['min_s']:.3f}, max {r['max_s']:.3f})", highlight=False)
+    out.print(f"speed-up {result['speedup']:.2f}x", highlight=False)
 
 
 @bench_app.command("ablation")
