@@ -11,6 +11,7 @@ from dinomix_cache.cli.app import app
 from dinomix_cache.errors import UserError
 from stage2_train.bench.ablation import ROWS, AblationSettings, row_settings, run_ablation
 from stage2_train.train.run_folder import RunFolder
+from stage2_train.train.settings import preset
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,9 @@ def test_rows_are_the_papers_switches(store, tmp_path):
     assert full.fkd and full.aux and full.pic.enabled and not full.labeled_only
     assert {r.seed for r in rows.values()} == {1} and full.out == tmp_path / "dino-mix-seed1"
     base = row_settings(settings, "dino-mix", 0)
-    assert (base.width, base.crop, base.epochs) == (8, (48, 64, 64), 50)  # the cpu preset's
+    cpu = preset("cpu", store)  # every row starts from the cpu preset
+    assert (base.width, base.crop, base.epochs, base.lr, base.normalization) == (
+        cpu.width, cpu.crop, cpu.epochs, cpu.lr, cpu.normalization)
     with pytest.raises(UserError):
         AblationSettings(cache=store, rows=("nope",))
 

@@ -107,13 +107,18 @@ def test_the_check_runs_on_the_real_network():
     assert answer is None or ("Conv" in answer and "relative" in answer)
 
 
-def test_presets_resolve():
+def test_presets_resolve(monkeypatch):
+    # The bf16 check itself is tested above; at the paper's width and crop it takes minutes on a CPU.
+    checked = []
+    monkeypatch.setattr(precision, "cpu_bf16_problem", lambda *shape: checked.append(shape))
     for name in PRESETS:
         s = preset(name, "s.zarr")
         assert s.precision == "auto" and s.memory_format == "auto"
         r = s.resolved(CPU)
         assert r.precision in ("float32", "bfloat16") and r.memory_format in ("contiguous", "channels_last")
         assert r.out is not None
+    if precision.cpu_bf16_native():  # the check is asked with each preset's own shapes
+        assert (32, (64, 128, 128), 4) in checked and (8, (48, 64, 64), 4) in checked
     cpu = preset("cpu", "s.zarr")
     assert (cpu.width, cpu.crop, cpu.dropout, cpu.normalization) == (8, (48, 64, 64), False, "instance")
     assert preset("paper", "s.zarr").normalization == "batch"
