@@ -139,8 +139,8 @@ def bench_ablation_cmd(
                                   "and seed, evaluation-ROW/, ablation.md, ablation.json."),
     preset: str = typer.Option(AblationSettings.preset, "--preset", help="Training preset of every row (cpu: the "
                                "demo's)."),
-    rows: list[str] | None = typer.Option(None, "--row", help="Only these rows (repeat): labeled-only, consistency, "
-                                          "pic, pic-fkd, dino-mix. Default all five."),
+    rows: list[str] | None = typer.Option(None, "--row", help="Only these rows (repeat): " + ", ".join(ROWS)
+                                          + f". Default all {len(ROWS)}."),
     seeds: list[int] | None = typer.Option(None, "--seed", help="Seeds (repeat). Default 0 1 666."),
     epochs: int | None = typer.Option(None, "--epochs", help="E_max of every run (default: the preset's)."),
     width: int | None = typer.Option(None, "--width", help="VNet base width (default: the preset's)."),
@@ -153,11 +153,14 @@ def bench_ablation_cmd(
                                  "dice.png and qualitative.png."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars while training."),
 ) -> None:
-    """The paper's Table 3 on a store: labeled only, consistency only, + PIC, + PIC + FKD, all parts,
-    each trained for seeds 0, 1 and 666 at one budget and evaluated on the test split.
+    """The paper's Table 3 on a store: labeled only, consistency only, + FKD, + PIC, + PIC + FKD, all
+    parts, each trained for seeds 0, 1 and 666 at one budget and evaluated on the test split.
 
-    Prints per-class Dice mean ± std over the seeds and writes OUT/ablation.md. Rerun the same command
-    after an interruption: finished runs are kept, an unfinished one resumes from its latest checkpoint.
+    At one seed every row sees the same cases, crops and gamma draws, so the report gives paired
+    differences per seed (against labeled-only and against the row each part is added to) beside per-class
+    Dice mean ± std, and what the training logs show (EMA vs student, confident fraction, each term's
+    share). Writes OUT/ablation.md and OUT/ablation.json. Rerun the same command after an interruption:
+    finished runs are kept, an unfinished one resumes from its latest checkpoint.
     """
     setup_logging()
     settings = AblationSettings(cache=cache, out=out_path, preset=preset, rows=tuple(rows or ROWS),

@@ -56,7 +56,24 @@ def train(
     labeled_only: bool = typer.Option(False, "--labeled-only", help="Baseline: supervised on the labeled cases only."),
     flip: bool = typer.Option(False, "--flip", help="Random flips of the weak view (forces teacher recomputes)."),
     aux_mode: str = typer.Option(TrainSettings.aux_mode, "--aux-mode",
-                                 help="exclude (true masking) or skcdf (SKCDF's multiply)."),
+                                 help="How the aux losses weigh their Bernoulli-masked voxels: skcdf (logits and "
+                                 "labels multiplied by the mask, as SKCDF, which the paper follows), weighted (the "
+                                 "mask as per-voxel weights over all voxels, as ABC) or exclude (mean over the kept "
+                                 "voxels: each weighs 1/keep-fraction times more)."),
+    unsup_weighting: str = typer.Option(TrainSettings.unsup_weighting, "--unsup-weighting",
+                                        help="How L_unsup weighs its kept voxels (pasted box or confident "
+                                        "pseudo-label): weighted (the mask as per-voxel weights over all voxels of "
+                                        "x_mix, as MOST and FixMatch) or exclude (mean over the kept voxels only)."),
+    unsup_rampup: float | None = typer.Option(None, "--unsup-rampup",
+                                              help="Length of lambda_unsup's sigmoid ramp exp(-5(1-t)^2) as a "
+                                              "fraction of the run's iterations (1.0, as DHC and SKCDF; 0 = none)."),
+    ema_warmup: bool = typer.Option(TrainSettings.ema_warmup, "--ema-warmup/--no-ema-warmup",
+                                    help="EMA decay min(1 - 1/(t+1), 0.99) at iteration t (the mean teacher's "
+                                    "warm-up: the EMA starts from the trained student, not its random init)."),
+    fkd_reduction: str = typer.Option(TrainSettings.fkd_reduction, "--fkd-reduction",
+                                      help="Eq. 1 over the teacher's C channels: channel_sum (as written: the "
+                                      "squared L2 distance of the normalised vectors per location, 2 - 2 cos) or "
+                                      "mean (also averaged over channels: Eq. 1 / C)."),
     precision: str = typer.Option(TrainSettings.precision, "--precision",
                                   help="Student forwards: auto (bf16 autocast on a GPU or "
                                   "a CPU with native bf16, AVX512-BF16 or AMX; float32 elsewhere), float32 or "
@@ -92,10 +109,11 @@ def train(
                   **({"gamma": pic_gamma} if pic_gamma is not None else {}))
     changes: dict = {"out": out_path, "data": data, "targets": targets, "seed": seed, "fkd": not no_fkd,
                      "aux": not no_aux, "labeled_only": labeled_only, "flip": flip, "aux_mode": aux_mode,
+                     "unsup_weighting": unsup_weighting, "ema_warmup": ema_warmup, "fkd_reduction": fkd_reduction,
                      "pic": pic, "teacher_view": teacher_view, "crop_grid": crop_grid, "precision": precision,
                      "memory_format": memory_format}
     for key, value in (("epochs", epochs), ("width", width), ("tau", tau), ("lr", lr),
-                       ("normalization", normalization)):
+                       ("normalization", normalization), ("unsup_rampup", unsup_rampup)):
         if value is not None:
             changes[key] = value
     if crop:

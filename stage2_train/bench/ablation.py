@@ -1,19 +1,22 @@
-"""``dinomix-cache bench ablation``: the rows of the paper's Table 3, over seeds, trained and evaluated.
+"""``dinomix-cache bench ablation``: the rows of the paper's Table 3, over paired seeds, trained and evaluated.
 
 Each row is a set of training switches on top of one preset (``cpu`` by default, the CPU demo's
 settings), trained once per seed at the same number of steps, then evaluated on the test split
-(sliding window, the peers' metrics): per class Dice mean ± std over the seeds, as ``evaluate --run A
---run B --run C`` prints.
+(sliding window, the peers' metrics). At one seed every row draws the same cases, crops and gamma
+values (one generator per purpose, :mod:`stage2_train.train.state`), so a row's difference from another
+at the same seed is the effect of its switch, not of other crops: the report gives these paired
+differences per seed, against labeled-only and against the row the switch is added to.
 
-=================  ===========================================  =====================================
-row                switches                                     what it adds
-=================  ===========================================  =====================================
-``labeled-only``   ``--labeled-only``                           supervised baseline, same steps
-``consistency``    ``--no-fkd --no-pic --no-aux``               EMA pseudo-labels on a strong view
-``pic``            ``--no-fkd --no-aux``                        + Progressive Imbalance-aware CutMix
-``pic-fkd``        ``--no-aux``                                 + foundation-feature distillation
-``dino-mix``       (none)                                       + auxiliary balanced head: all parts
-=================  ===========================================  =====================================
+=================  ==============================  ================  ===========================================
+row                switches                        compared with     what it adds
+=================  ==============================  ================  ===========================================
+``labeled-only``   ``--labeled-only``              (none)            supervised baseline, same steps
+``consistency``    ``--no-fkd --no-pic --no-aux``  labeled-only      EMA pseudo-labels on a strong view
+``fkd``            ``--no-pic --no-aux``           consistency       + foundation-feature distillation
+``pic``            ``--no-fkd --no-aux``           consistency       + Progressive Imbalance-aware CutMix
+``pic-fkd``        ``--no-aux``                    pic               + both
+``dino-mix``       (none)                          pic-fkd           + auxiliary balanced head: all parts
+=================  ==============================  ================  ===========================================
 
 Layout of the output folder (default ``runs/ablation``)::
 
@@ -21,7 +24,7 @@ Layout of the output folder (default ``runs/ablation``)::
       ROW-seedSEED/            one run folder per row and seed (settings.json, log.jsonl, best.pt, ...)
       ROW-seedSEED/done.json   written when that run has finished: its wall time
       evaluation-ROW/          evaluate's folder for the row's seeds (results.md, results.json, ...)
-      ablation.md              the table: one line per row, mean ± std over seeds
+      ablation.md              the table, the paired differences and what the training logs show
       ablation.json            the same, with per-run numbers and times
 
 An interrupted benchmark is rerun with the same command: finished runs are kept, an unfinished run is
@@ -42,23 +45,26 @@ from dinomix_cache.atomic import write_atomic
 from dinomix_cache.errors import UserError, check_choice
 from dinomix_cache.settings_codec import settings_to_json
 from dinomix_cache.store.locations import as_location
+from stage2_train.bench.ablation_report import ablation_markdown, paired_differences, row_summary
 from stage2_train.evaluate.evaluation import SPLITS, EvaluateSettings, Split, evaluate
 from stage2_train.targets.policies import POLICIES, Targets
 from stage2_train.train.loop import train
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.settings import PRESETS, Preset, TrainSettings, preset
 
-__all__ = ["DEFAULT_CACHE", "ROWS", "SEEDS", "AblationSettings", "ablation_markdown", "row_settings", "run_ablation"]
+__all__ = ["DEFAULT_CACHE", "ROWS", "SEEDS", "AblationSettings", "row_settings", "run_ablation"]
 
 log = logging.getLogger("dinomix_cache.ablation")
 
-# Row name → (label in the table, TrainSettings changes). PIC off is applied in row_settings.
-ROWS: dict[str, tuple[str, dict[str, Any]]] = {
-    "labeled-only": ("labeled only", {"labeled_only": True}),
-    "consistency": ("consistency only", {"fkd": False, "pic": False, "aux": False}),
-    "pic": ("+ PIC", {"fkd": False, "aux": False}),
-    "pic-fkd": ("+ PIC + FKD", {"aux": False}),
-    "dino-mix": ("+ PIC + FKD + aux (DINO-Mix)", {}),
+# Row name → (label in the table, TrainSettings changes, the row it adds a part to). PIC off is applied
+# in row_settings.
+ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "labeled-only": ("labeled only", {"labeled_only": True}, None),
+    "consistency": ("consistency only", {"fkd": False, "pic": False, "aux": False}, "labeled-only"),
+    "fkd": ("+ FKD", {"pic": False, "aux": False}, "consistency"),
+    "pic": ("+ PIC", {"fkd": False, "aux": False}, "consistency"),
+    "pic-fkd": ("+ PIC + FKD", {"aux": False}, "pic"),
+    "dino-mix": ("+ PIC + FKD + aux (DINO-Mix)", {}, "pic-fkd"),
 }
 SEEDS = (0, 1, 666)  # the seeds DHC reports
 DEFAULT_CACHE = "storage/phantom-cpu.zarr"  # the CPU demo's phantom store
@@ -175,9 +181,10 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
         start = time.perf_counter()
         result = evaluate(EvaluateSettings(runs=tuple(runs[row]), split=settings.split, out=out / f"evaluation-{row}",
                                            mm=False, figures=settings.figures))
-        table.append(_row_summary(row, result, train_s[row], time.perf_counter() - start))
+        table.append(row_summary(row, ROWS[row][0], result, train_s[row], time.perf_counter() - start))
     summary = {"settings": settings_to_json(settings),
                "class_labels": result["class_labels"], "rows": table,
+               "paired": paired_differences(table, {name: base for name, (_, _, base) in ROWS.items()}),
                "train_s": round(sum(sum(v) for v in train_s.values()), 1)}
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "ablation.json", json.dumps(summary, indent=1))
@@ -198,43 +205,3 @@ def _check_same_run(wanted: TrainSettings) -> None:
     if differ:
         raise UserError(f"{path} holds a run with other settings ({', '.join(differ)}); use another --out or "
                         "remove it")
-
-
-def _row_summary(row: str, result: dict[str, Any], train_s: list[float], eval_s: float) -> dict[str, Any]:
-    runs = result["runs"]
-    if result["over_runs"] is not None:
-        over = result["over_runs"]
-        dice, asd = over["mean_dice"], over["mean_asd"]
-        per_class = [list(pair) for pair in zip(over["dice_mean"], over["dice_std"], strict=True)]
-    else:  # one seed: no spread
-        s = runs[0]["summary"]
-        dice, asd = (s["mean_dice"], 0.0), (s["mean_asd"], 0.0)
-        per_class = [[v, 0.0] for v in s["dice"]]
-    return {"row": row, "label": ROWS[row][0], "runs": [r["run"] for r in runs],
-            "steps": [r["step"] for r in runs], "mean_dice": list(dice), "mean_asd": list(asd),
-            "dice": per_class, "per_run_mean_dice": [r["summary"]["mean_dice"] for r in runs],
-            "train_s": [round(t, 1) for t in train_s], "eval_s": round(eval_s, 1)}
-
-
-def ablation_markdown(summary: dict[str, Any]) -> str:
-    """The benchmark table: one line per row, Avg. Dice / Avg. ASD / per-class Dice as mean ± std."""
-
-    def f(v: float | None, d: int = 1) -> str:
-        return "n/a" if v is None or v != v else f"{v:.{d}f}"
-
-    s = summary["settings"]
-    labels = summary["class_labels"]
-    n = len(s["seeds"])
-    lines = [f"# Ablation ({', '.join(map(str, s['seeds']))}: mean ± std over {n} seed(s))", "",
-             f"Store `{s['cache']}`, preset `{s['preset']}`"
-             + (f", {s['epochs']} epochs" if s["epochs"] else "") + f", targets `{s['targets']}`; {s['split']} split, "
-             "sliding window, Dice in %, ASD in voxels (DHC's absent-class rules).", "",
-             "| Row | Avg. Dice | Avg. ASD | " + " | ".join(labels) + " |", "|" + " --- |" * (3 + len(labels))]
-    for r in summary["rows"]:
-        (md, sd), (ma, sa) = r["mean_dice"], r["mean_asd"]
-        lines.append(f"| {r['label']} | {f(md, 2)} ± {f(sd)} | {f(ma, 2)} ± {f(sa)} | "
-                     + " | ".join(f"{f(m)} ± {f(d)}" for m, d in r["dice"]) + " |")
-    total = summary["train_s"]
-    lines += ["", f"Training wall time {total / 60:.1f} min in all ("
-              + ", ".join(f"{r['row']} {sum(r['train_s']) / 60:.1f}" for r in summary["rows"]) + ")."]
-    return "\n".join(lines) + "\n"

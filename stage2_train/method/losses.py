@@ -13,6 +13,10 @@ the whole denominator). The peers' extra ``1e-8`` in the denominator is dropped.
 computes the same values without a one-hot tensor (``2 tp + fp + fn`` is the sum of the predicted and
 the true class mass), which halves the loss's share of a CPU training step; the tests compare it with
 MONAI's ``DiceCELoss`` and ``MaskedDiceLoss``.
+
+Masked terms (``L_unsup`` under its box | confident mask, the aux terms under their Bernoulli masks) come
+in named conventions (:data:`MaskWeighting`, :data:`AuxMode`) that decide how much a kept voxel weighs;
+``docs/method.md`` ("How much each term weighs") states each term's effective weight.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ from torch import nn
 
 __all__ = [
     "AUX_MODES",
+    "FKD_REDUCTIONS",
+    "MASK_WEIGHTINGS",
     "AuxMode",
+    "FkdReduction",
+    "MaskWeighting",
     "MaskedSegLoss",
     "SegLoss",
     "annealed_rates",
@@ -38,9 +46,19 @@ __all__ = [
     "unlabeled_aux_mask",
 ]
 
-# How the auxiliary balanced head's loss treats the voxels its mask drops (see :class:`MaskedSegLoss`).
-AuxMode = Literal["exclude", "skcdf"]
+# How a masked Dice + CE weighs its kept voxels. "weighted": the mask is a per-voxel weight over all
+# voxels, CE = sum(w * CE_v) / N (MOST's thresholded loss, FixMatch / ABC: the kept fraction scales the
+# term); "exclude": CE = sum(w * CE_v) / sum(w), the mean over the kept voxels only. The Dice is the
+# masked soft Dice in both (probabilities and one-hot targets multiplied by the mask).
+MaskWeighting = Literal["weighted", "exclude"]
+MASK_WEIGHTINGS: tuple[MaskWeighting, ...] = get_args(MaskWeighting)
+# How the auxiliary balanced head's loss treats the voxels its mask drops (see :class:`MaskedSegLoss`):
+# SKCDF's multiply (the paper's reference for the aux terms), or one of the two weightings above.
+AuxMode = Literal["skcdf", "weighted", "exclude"]
 AUX_MODES: tuple[AuxMode, ...] = get_args(AuxMode)
+# Eq. 1's reduction over the teacher's C channels (see :func:`distillation_loss`).
+FkdReduction = Literal["channel_sum", "mean"]
+FKD_REDUCTIONS: tuple[FkdReduction, ...] = get_args(FkdReduction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,11 +176,12 @@ def _check_seg_inputs(logits: torch.Tensor, target: torch.Tensor) -> None:
 
 def dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
             lambda_dice: float = 1.0, lambda_ce: float = 1.0, smooth: float = 1.0,
-            include_background: bool = False) -> torch.Tensor:
+            include_background: bool = False, weighting: MaskWeighting = "exclude") -> torch.Tensor:
     """``lambda_ce · CE + lambda_dice · (1 - mean_c dc_c)``, soft batch Dice, in float32, without one-hot.
 
     With voxel weights w (``weight``; None = all 1) and p = softmax(logits), g = one-hot(target):
-    ``CE = Σ w · (-log p_y) / Σ w``, ``tp_c = Σ w² p_c g_c``, ``dc_c = (2 tp_c + smooth) /
+    ``CE = Σ w · (-log p_y) / Σ w`` (``weighting="exclude"``) or ``/ N``, N the number of voxels
+    (``weighting="weighted"``), ``tp_c = Σ w² p_c g_c``, ``dc_c = (2 tp_c + smooth) /
     (Σ w p_c + Σ w g_c + smooth)``, sums over batch and space, c over the foreground classes (all with
     ``include_background``). This is MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True, batch=True)``
     without weights and ``MaskedDiceLoss`` (inputs and targets multiplied by the mask) + weighted CE with
@@ -172,6 +191,7 @@ def dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
         logits: (B, C, *spatial) raw scores.
         target: (B, *spatial) integer labels in [0, C).
         weight: optional (B, *spatial) bool or non-negative float voxel weights.
+        weighting: the CE's denominator with weights (see :data:`MaskWeighting`).
 
     Returns:
         scalar loss (0 with a graph when every weight is 0).
@@ -190,7 +210,8 @@ def dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
         tp = z.new_zeros(c).index_add(0, classes, p_y.reshape(-1))
     else:
         w = weight.reshape(b, 1, -1).to(device=z.device, dtype=z.dtype)
-        ce = -(w * log_p_y).sum() / w.sum().clamp_min(1e-12)
+        norm = w.sum().clamp_min(1e-12) if weighting == "exclude" else float(w.numel())
+        ce = -(w * log_p_y).sum() / norm
         pred_mass = torch.bmm(p, w.transpose(1, 2)).sum(dim=(0, 2))  # Σ w p_c without a (B, C, S) product
         true_mass = torch.bincount(classes, weights=w.reshape(-1), minlength=c).to(z.dtype)
         tp = z.new_zeros(c).index_add(0, classes, (w * w * p_y).reshape(-1))
@@ -208,25 +229,31 @@ class SegLoss(nn.Module):
     (not from the CE). Logits are cast to float32 first (safe under bf16 autocast).
 
     With a ``weight_mask`` (B, *spatial), bool or non-negative float: voxel v counts with weight
-    ``w_v`` — CE is ``Σ w_v CE_v / Σ w_v`` and the Dice uses probabilities and one-hot targets
-    multiplied by ``w_v`` (MONAI ``MaskedDiceLoss``); so a bool mask **excludes** the False voxels
-    (e.g. unconfident pseudo-labels), and an all-zero mask gives loss 0 with a graph.
+    ``w_v`` — the Dice uses probabilities and one-hot targets multiplied by ``w_v`` (MONAI
+    ``MaskedDiceLoss``), and CE is ``Σ w_v CE_v / N`` over all N voxels (``weighting="weighted"``: the
+    kept fraction scales it, as MOST's and FixMatch's masked losses) or ``Σ w_v CE_v / Σ w_v``
+    (``"exclude"``: the mean over the kept voxels, however few). An all-zero mask gives loss 0 with a graph.
 
     Args:
         lambda_dice: weight of the Dice term.
         lambda_ce: weight of the CE term.
         smooth: the ``+1`` of the peers' Dice, MONAI ``smooth_nr = smooth_dr = smooth``.
         include_background: include class 0 in the Dice (peers: False).
+        weighting: the CE's denominator under a ``weight_mask`` (:data:`MaskWeighting`).
     """
 
     def __init__(
-        self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, smooth: float = 1.0, include_background: bool = False
+        self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, smooth: float = 1.0, include_background: bool = False,
+        weighting: MaskWeighting = "exclude",
     ) -> None:
         super().__init__()
+        if weighting not in MASK_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {MASK_WEIGHTINGS}, got {weighting!r}")
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
         self.smooth = float(smooth)
         self.include_background = include_background
+        self.weighting: MaskWeighting = weighting
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, weight_mask: torch.Tensor | None = None
@@ -247,35 +274,41 @@ class SegLoss(nn.Module):
         return self.weighted(logits, target, weight_mask)
 
     def weighted(self, logits: torch.Tensor, target: torch.Tensor, weight_mask: torch.Tensor) -> torch.Tensor:
-        """Dice + CE with per-voxel weights; zero-weight voxels are excluded (see the class docstring)."""
+        """Dice + CE with per-voxel weights (see the class docstring)."""
         _check_seg_inputs(logits, target)
         if tuple(weight_mask.shape) != tuple(target.shape):
             raise ValueError(
                 f"weight_mask must have the target's shape {tuple(target.shape)}, got {tuple(weight_mask.shape)}"
             )
         return dice_ce(logits, target, weight_mask, self.lambda_dice, self.lambda_ce, self.smooth,
-                       self.include_background)
+                       self.include_background, self.weighting)
 
 
 class MaskedSegLoss(nn.Module):
     """The auxiliary class-balance loss (``L_sup^aux``, ``L_unsup^aux``): Dice + CE under a keep mask.
 
     Modes:
-        ``"exclude"`` (default, true masking): masked voxels are left out entirely — CE is the mean
+        ``"skcdf"`` (default; the paper's aux terms follow SKCDF): logits and labels are multiplied by the
+        mask, then the plain Dice + CE is taken. A masked voxel has zero logits (uniform softmax 1/C) and
+        target 0 (background): it gives no gradient but still counts in the CE mean (adding log C), so a
+        kept voxel's CE weighs 1/N as in ``"weighted"``, and it adds 1/C false-positive mass to every
+        foreground class in the Dice, which damps the Dice's gradient as the kept fraction falls. An
+        all-masked batch is not 0 in this mode.
+
+        ``"weighted"`` (ABC's per-sample masks, per voxel): the mask is a per-voxel weight over all N
+        voxels — CE is ``Σ m CE_v / N`` — and the Dice is the masked soft Dice of the kept voxels (as in
+        ``"exclude"``). All voxels masked → 0.
+
+        ``"exclude"`` (true masking): masked voxels are left out entirely — CE is the mean
         over the kept voxels only, and the soft batch Dice is computed over the kept voxels only
         (MONAI ``MaskedDiceLoss``: softmax first, then probabilities and one-hot targets are multiplied
         by the mask, so a masked voxel adds nothing to any class's tp, fp or fn). The value equals
-        :class:`SegLoss` on the kept voxels gathered into a smaller tensor. All voxels masked → 0
-        (with a graph, zero gradient, no NaN).
-
-        ``"skcdf"``: SKCDF's behaviour (``docs/method.md``, "Decisions"): logits and labels are multiplied by the mask,
-        then the plain Dice + CE is taken. A masked voxel has zero logits (uniform softmax 1/C) and
-        target 0 (background): it gives no gradient but still counts in the CE mean (adding log C)
-        and adds 1/C false-positive mass to every foreground class in the Dice. An all-masked batch
-        is not 0 in this mode.
+        :class:`SegLoss` on the kept voxels gathered into a smaller tensor; with a keep fraction f, a
+        kept voxel weighs 1/f times a ``"weighted"`` one. All voxels masked → 0 (with a graph, zero
+        gradient, no NaN).
 
     Args:
-        mode: ``"exclude"`` or ``"skcdf"``.
+        mode: ``"skcdf"``, ``"weighted"`` or ``"exclude"``.
         lambda_dice, lambda_ce, smooth, include_background: as in :class:`SegLoss`.
     """
 
@@ -283,7 +316,7 @@ class MaskedSegLoss(nn.Module):
 
     def __init__(
         self,
-        mode: str = "exclude",
+        mode: str = "skcdf",
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         smooth: float = 1.0,
@@ -293,7 +326,8 @@ class MaskedSegLoss(nn.Module):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
-        self.seg = SegLoss(lambda_dice, lambda_ce, smooth, include_background)
+        self.seg = SegLoss(lambda_dice, lambda_ce, smooth, include_background,
+                           weighting="exclude" if mode == "skcdf" else mode)  # type: ignore[arg-type]
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """
@@ -308,7 +342,7 @@ class MaskedSegLoss(nn.Module):
         _check_seg_inputs(logits, target)
         if tuple(mask.shape) != tuple(target.shape):
             raise ValueError(f"mask must have the target's shape {tuple(target.shape)}, got {tuple(mask.shape)}")
-        if self.mode == "exclude":
+        if self.mode != "skcdf":
             return self.seg.weighted(logits, target, mask)
         keep = mask.to(device=logits.device)
         masked_logits = logits.float() * keep.unsqueeze(1).to(torch.float32)
@@ -322,26 +356,25 @@ class MaskedSegLoss(nn.Module):
 
 
 def distillation_loss(
-    projected: torch.Tensor, target: torch.Tensor, reduction: str = "mean", eps: float = 1e-12
+    projected: torch.Tensor, target: torch.Tensor, reduction: FkdReduction = "channel_sum", eps: float = 1e-12
 ) -> torch.Tensor:
     """Feature distillation, Eq. 1: MSE between L2-normalised student projection and teacher target.
 
     Both tensors are L2-normalised over the channel axis at every location (``F.normalize``, dim 1;
     a zero vector stays zero), the target is detached (stop-gradient), then:
 
-    - ``reduction="mean"`` (default; the paper's text, "mean squared error"): the mean of the squared
-      difference over batch, channels and locations, i.e. ``F.mse_loss`` = the per-location squared
-      distance ``|u - v|² ∈ [0, 4]`` averaged over locations and divided by C.
-    - ``reduction="channel_sum"`` (Eq. 1 read literally, the squared L2 norm over channels): the
-      per-location squared distance summed over channels and averaged over batch and locations
-      (= C × the ``"mean"`` value).
+    - ``reduction="channel_sum"`` (Eq. 1 as written, the run default): the squared L2 norm of the
+      difference over channels at each location, ``|u - v|² = 2 - 2 cos(u, v) ∈ [0, 4]``, averaged over
+      batch and locations.
+    - ``reduction="mean"``: ``F.mse_loss``, the mean over channels too, i.e. Eq. 1 divided by C (0.0052
+      for a ViT-S teacher where Eq. 1 is about 2).
 
     Computed in float32.
 
     Args:
         projected: (B, C, d, h, w) the projector output P(E_S(x_mix)).
         target: (B, C, d, h, w) the teacher features on the same grid.
-        reduction: ``"mean"`` or ``"channel_sum"``.
+        reduction: ``"channel_sum"`` or ``"mean"``.
         eps: the norm floor of ``F.normalize``.
 
     Returns:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from dinomix_cache.settings_codec import settings_to_json
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.teacher.model import Teacher, TeacherSettings, load_teacher
 from stage2_train.method.iteration import DinoMixIteration, TrainState
+from stage2_train.method.networks import StudentOutput
 from stage2_train.sampling.crops import center_crop
 from stage2_train.sampling.volume_cache import VolumeCache
 from stage2_train.targets.policies import TargetPolicy, make_policy
@@ -103,8 +105,10 @@ def load_policy(settings: TrainSettings, store: FeatureStore, volumes: VolumeCac
     return policy
 
 
-def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str]) -> tuple[float, list[float]]:
-    """Hard Dice of the student's main head on the centre crop of each eval case, pooled over the crops.
+def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str],
+             network: Callable[[torch.Tensor], StudentOutput] | None = None) -> tuple[float, list[float]]:
+    """Hard Dice of a network's main head (the student's by default; the EMA teacher's when ``network`` is
+    ``iteration.ema``) on the centre crop of each eval case, pooled over the crops.
 
     Returns:
         (mean over the classes present, per foreground class Dice in [0, 1] with NaN where a class is
@@ -113,6 +117,7 @@ def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[s
     """
     student = iteration.student
     student.eval()
+    network = student if network is None else network
     num_classes = student.vnet.num_classes
     inter = np.zeros(num_classes)
     total = np.zeros(num_classes)
@@ -120,7 +125,7 @@ def validate(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[s
         for cid in eval_ids:
             crop = center_crop(cid, volumes.shape(cid), iteration.settings.crop)
             image = volumes.crop_image(crop)[None].to(iteration.device)
-            pred = iteration.forward(student, image).logits.max(1).indices[0].cpu()  # = argmax(1), faster
+            pred = iteration.forward(network, image).logits.max(1).indices[0].cpu()  # = argmax(1), faster
             label = volumes.crop_label(crop)
             for c in range(1, num_classes):
                 p, g = pred == c, label == c
@@ -262,12 +267,12 @@ def _loop(context: Distributed, settings: TrainSettings, folder: RunFolder, iter
                  settings.epochs, "none" if iteration.policy is None else settings.targets, settings.precision,
                  settings.memory_format.replace("_", "-"), device_description(context.device))
     bar = TrainProgress(stop, state.step, enabled=progress and context.is_main)
-    recomputed: list[float] = []  # this epoch's (since the start or the resume point)
+    steps: list[dict[str, float]] = []  # this epoch's records (since the start or the resume point)
     try:
         while state.step < stop:
             start = time.perf_counter()
             record = context.mean_record(iteration.step(state))
-            recomputed.append(record.get("recomputed", 0.0))
+            steps.append(record)
             if context.is_main:
                 bar.update(state, record, time.perf_counter() - start)
                 folder.log({"kind": "step", "step": state.step, "epoch": state.epoch - (state.iteration == 0),
@@ -275,11 +280,11 @@ def _loop(context: Distributed, settings: TrainSettings, folder: RunFolder, iter
             if state.iteration == 0:  # an epoch just ended
                 dice = float("nan")
                 if context.is_main:
-                    dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
-                    folder.log({"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
-                                "val_dice_per_class": [None if np.isnan(v) else round(v, 4) for v in per_class],
-                                "recomputed": round(float(np.mean(recomputed)), 4)})
-                recomputed.clear()
+                    summary = epoch_record(iteration, volumes, eval_ids, state, steps)
+                    folder.log(summary)
+                    dice = summary["val_dice"]
+                steps.clear()
+                iteration.pseudo_stats.reset()
                 dice = context.broadcast_float(dice)  # the other ranks wait here, then update best_dice alike
                 if dice > state.best_dice:
                     state.best_dice = dice
@@ -290,6 +295,47 @@ def _loop(context: Distributed, settings: TrainSettings, folder: RunFolder, iter
         bar.close()
     if context.is_main:
         folder.plot()
+
+
+# Each loss term's weight in Eq. 5 (λ: the ramped λ_unsup of the step), for the epoch's term shares.
+_UNSUP_TERMS = ("unsup", "unsup_aux")
+_TERMS = ("sup", "sup_aux", "distill", *_UNSUP_TERMS)
+
+
+def epoch_record(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str], state: TrainState,
+                 steps: list[dict[str, float]]) -> dict:
+    """The log line of an epoch that just ended: validation Dice of the student and of the EMA teacher,
+    and what the epoch's steps did — each term's share of the total loss (weighted as in Eq. 5), the
+    distillation gradient's share at x5, the confident and kept fractions of the unsupervised branch,
+    the target recompute fraction and, where the truth of unlabeled cases is known, the pseudo-labels'
+    quality (:class:`~stage2_train.method.pseudo_label_stats.PseudoLabelStats`)."""
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in steps if key in r and not np.isnan(r[key])]
+        return round(float(np.mean(values)), 4) if values else None
+
+    def rounded(values: list[float]) -> list[float | None]:
+        return [None if np.isnan(v) else round(v, 4) for v in values]
+
+    dice, per_class = validate(iteration, volumes, eval_ids) if eval_ids else (float("nan"), [])
+    record: dict = {"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "val_dice": dice,
+                    "val_dice_per_class": rounded(per_class)}
+    if not iteration.settings.labeled_only and iteration.unlabeled and eval_ids:
+        ema_dice, ema_per_class = validate(iteration, volumes, eval_ids, iteration.ema)
+        record.update(ema_val_dice=ema_dice, ema_val_dice_per_class=rounded(ema_per_class))
+    total = float(np.mean([r["total"] for r in steps])) if steps else 0.0
+    if total > 0:
+        weighted = {k: float(np.mean([r.get(k, 0.0) * (r.get("lambda_unsup", 0.0) if k in _UNSUP_TERMS else 1.0)
+                                      for r in steps])) for k in _TERMS if any(k in r for r in steps)}
+        record["shares"] = {k: round(v / total, 4) for k, v in weighted.items()}
+    for key in ("distill_grad", "confident", "kept", "lambda_unsup", "ema_decay", "recomputed"):
+        value = mean(key)
+        if value is not None:
+            record[key] = value
+    stats = iteration.pseudo_stats.summary()
+    if stats is not None:
+        record.update(stats)
+    return record
 
 
 def check_precision(settings: TrainSettings, device: torch.device, is_main: bool = True) -> None:

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -191,14 +192,17 @@ class RunFolder:
             write_atomic(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self) -> Path:
-        """Draw ``progress.png``: per-epoch mean of each loss term, and validation mean Dice."""
+        """Draw ``progress.png``: per-epoch mean of each loss term; validation mean Dice of the student and
+        the EMA teacher; each term's share of the total loss and the distillation gradient's share at x5;
+        the unsupervised branch (λ_unsup, confident fraction, confident voxels that are background, and
+        the pseudo-labels' mean Dice where the truth of unlabeled cases is known)."""
         records = self.records()
         steps = [r for r in records if r.get("kind") == "step"]
         epochs = [r for r in records if r.get("kind") == "epoch"]
         # A bare Figure on an Agg canvas: no pyplot state or global backend is touched.
-        fig = Figure(figsize=(11, 4))
+        fig = Figure(figsize=(12, 8))
         FigureCanvasAgg(fig)
-        ax_loss, ax_dice = fig.subplots(1, 2)
+        (ax_loss, ax_dice), (ax_share, ax_unsup) = fig.subplots(2, 2)
         terms = sorted({k for r in steps for k in r if k in ("sup", "sup_aux", "unsup", "unsup_aux", "distill",
                                                                  "total")})
         for term in terms:
@@ -208,12 +212,38 @@ class RunFolder:
                     by_epoch.setdefault(r["epoch"], []).append(r[term])
             xs = sorted(by_epoch)
             ax_loss.plot(xs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in xs], label=term)
-        # log scale: the distillation term (about 0.01) would otherwise sit flat on zero
-        ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean, log scale)", title="training losses", yscale="log")
+        ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean, log scale)", title="training losses (unweighted)",
+                    yscale="log")
         ax_loss.legend(fontsize=8)
-        if epochs:
-            ax_dice.plot([r["epoch"] for r in epochs], [100 * r["val_dice"] for r in epochs], marker="o")
+        xs = [r["epoch"] for r in epochs]
+
+        def series(ax, key: str, label: str, scale: float = 1.0, **style) -> None:
+            points = [(r["epoch"], scale * r[key]) for r in epochs if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=label, **style)
+
+        series(ax_dice, "val_dice", "student", 100, marker="o")
+        series(ax_dice, "ema_val_dice", "EMA teacher", 100, marker=".")
         ax_dice.set(xlabel="epoch", ylabel="mean Dice (%)", title="validation (eval split, centre crop)")
+        ax_dice.legend(fontsize=8)
+        for term in ("sup", "sup_aux", "unsup", "unsup_aux", "distill"):
+            points = [(r["epoch"], r["shares"][term]) for r in epochs if term in (r.get("shares") or {})]
+            if points:
+                ax_share.plot(*zip(*points, strict=True), label=f"{term} (loss share)")
+        series(ax_share, "distill_grad", "distill gradient / total at x5", linestyle="--")
+        ax_share.set(xlabel="epoch", ylabel="fraction", title="what each term weighs (Eq. 5 weights)")
+        ax_share.legend(fontsize=8)
+        series(ax_unsup, "lambda_unsup", "λ_unsup")
+        series(ax_unsup, "confident", "confident fraction")
+        series(ax_unsup, "confident_background", "confident voxels: background")
+        pseudo = [(r["epoch"], float(np.mean([v for v in r["pseudo_dice"] if v is not None])))
+                  for r in epochs if any(v is not None for v in r.get("pseudo_dice") or [])]
+        if pseudo:
+            ax_unsup.plot(*zip(*pseudo, strict=True), label="pseudo-label mean Dice (vs truth)")
+        ax_unsup.set(xlabel="epoch", ylabel="fraction", title="unsupervised branch", ylim=(0, 1.02))
+        ax_unsup.legend(fontsize=8)
+        if not xs:
+            ax_dice.set_xlim(0, 1)
         fig.tight_layout()
         out = self.path / "progress.png"
         with writing(out):

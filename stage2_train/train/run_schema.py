@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, create_model, model_validator
 
 from dinomix_cache.errors import UserError
 from dinomix_cache.settings_codec import settings_from_json
 from dinomix_cache.store.schema import MAX_HIDDEN, MAX_SIDE, StoreAttrs, check_store_attrs, validation_message
 from stage2_train.train.settings import TrainSettings, with_saved_defaults
+from stage2_train.train.state import NUMPY_STREAMS, TORCH_STREAMS
 
 __all__ = ["BOUNDS", "check_checkpoint", "check_identity", "dataclass_from_json", "state_dict_mismatch",
            "train_settings_from_json"]
@@ -56,6 +57,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
     "poly_power": {"ge": 0, "allow_inf_nan": False},
     "ema_decay": {"ge": 0, "le": 1},
     "lambda_unsup": {"ge": 0, "allow_inf_nan": False},
+    "unsup_rampup": {"ge": 0, "allow_inf_nan": False},
     "tau": {"ge": 0, "le": 1},
     "gamma_range": {"gt": 0, "allow_inf_nan": False},
     "gamma": {"ge": 0, "allow_inf_nan": False},
@@ -203,10 +205,26 @@ class _State(BaseModel):
     step: Annotated[int, Field(ge=0)]
     plan: list[Annotated[list[list[str]], Field(min_length=2, max_length=2)]]
     best_dice: float
-    np_rng: dict[str, Any]
-    torch_gen: Tensor
+    # One generator per purpose (TrainState.rngs / .gens), or, in checkpoints written before they were
+    # split, one numpy and one torch generator for everything (np_rng, torch_gen, plan_rng).
+    rngs: dict[str, dict[str, Any]] | None = None
+    gens: dict[str, Tensor] | None = None
+    np_rng: dict[str, Any] | None = None
+    torch_gen: Tensor | None = None
     torch_global: Tensor
     plan_rng: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_format(self) -> _State:
+        old = self.np_rng is not None and self.torch_gen is not None
+        if self.rngs is None or self.gens is None:
+            if not old:
+                raise ValueError("generators: expected either rngs and gens, or np_rng and torch_gen")
+            return self
+        if old or set(self.rngs) != set(NUMPY_STREAMS) or set(self.gens) != set(TORCH_STREAMS):
+            raise ValueError(f"generators: expected rngs {', '.join(NUMPY_STREAMS)} and gens "
+                             f"{', '.join(TORCH_STREAMS)}, or np_rng and torch_gen")
+        return self
 
 
 class _Payload(BaseModel):

@@ -10,7 +10,7 @@ import torch
 
 from dinomix_cache.errors import SettingsError, check_choice
 from dinomix_cache.store.locations import as_location
-from stage2_train.method.losses import AUX_MODES, AuxMode
+from stage2_train.method.losses import AUX_MODES, FKD_REDUCTIONS, MASK_WEIGHTINGS, AuxMode, FkdReduction, MaskWeighting
 from stage2_train.method.networks import NORMALIZATIONS, Normalization
 from stage2_train.method.pic import PicSettings
 from stage2_train.targets.policies import POLICIES, Targets
@@ -24,8 +24,9 @@ from stage2_train.train.precision import (
     resolve_precision,
 )
 
-__all__ = ["AUX_MODES", "CROP_GRIDS", "DEFAULT_PRESET", "MEMORY_FORMATS", "POLICIES", "PRECISIONS", "PRESETS",
-           "TEACHER_VIEWS", "CropGrid", "Preset", "SettingsError", "TrainSettings", "preset", "with_saved_defaults"]
+__all__ = ["AUX_MODES", "CROP_GRIDS", "DEFAULT_PRESET", "FKD_REDUCTIONS", "MASK_WEIGHTINGS", "MEMORY_FORMATS",
+           "POLICIES", "PRECISIONS", "PRESETS", "SAVED_BEFORE", "TEACHER_VIEWS", "CropGrid", "Preset", "SettingsError",
+           "TrainSettings", "preset", "with_saved_defaults"]
 
 Preset = Literal["paper", "cpu", "cpu-small"]
 PRESETS: tuple[Preset, ...] = get_args(Preset)
@@ -51,14 +52,24 @@ class TrainSettings:
         epochs: E_max; an epoch is one pass over the unlabeled cases.
         lr, momentum, weight_decay, nesterov, poly_power: SGD with poly decay (1 - E/E_max)^0.9.
         ema_decay: EMA teacher decay.
-        lambda_unsup: weight of the unsupervised terms.
+        ema_warmup: the mean teacher's warm-up, decay ``min(1 - 1/(t + 1), ema_decay)`` at iteration t, so
+            the EMA starts from the trained student instead of its random initialisation.
+        lambda_unsup: weight of the unsupervised terms (λ_unsup of Eq. 5, at the end of its ramp).
+        unsup_rampup: length of λ_unsup's sigmoid ramp ``exp(-5 (1 - t)²)``, as a fraction of the run's
+            iterations (1.0: over the whole run, as DHC, SKCDF and GenericSSL; 0: no ramp).
+        unsup_weighting: how ``L_unsup`` weighs its kept voxels (inside the pasted box or confident):
+            ``weighted`` (the mask as per-voxel weights over all voxels of x_mix: CE = Σ w CE / N, as MOST
+            and FixMatch / ABC) or ``exclude`` (CE averaged over the kept voxels only).
         tau: pseudo-label confidence threshold (0 = every voxel).
         gamma_range: strong view's random gamma range.
         flip: random flips of the weak view (every flipped crop forces a teacher recompute).
         pic: Progressive Imbalance-aware CutMix settings (``pic.enabled`` False = no PIC).
         fkd: foundation-feature distillation on x_mix.
+        fkd_reduction: Eq. 1 over the teacher's channels: ``channel_sum`` (as written: the squared L2
+            distance of the normalised vectors, 2 - 2 cos, per location) or ``mean`` (divided by C_T).
         aux: auxiliary balanced head losses.
-        aux_mode: ``exclude`` (true masking) or ``skcdf`` (SKCDF's multiply behaviour).
+        aux_mode: ``skcdf`` (SKCDF's multiply, which the paper follows), ``weighted`` (the mask as
+            per-voxel weights over all voxels, ABC) or ``exclude`` (mean over the kept voxels).
         labeled_only: supervised baseline on the labeled crops only.
         targets: ``online``, ``cache`` or ``hybrid`` distillation targets.
         seed: seeds every random draw.
@@ -90,7 +101,8 @@ class TrainSettings:
             of four can leave behind the weights; see the README's CPU section).
 
     Raises:
-        SettingsError: a value outside its ``Literal`` (``targets``, ``aux_mode``, ``teacher_view``,
+        SettingsError: a value outside its ``Literal`` (``targets``, ``aux_mode``, ``unsup_weighting``,
+            ``fkd_reduction``, ``teacher_view``,
             ``crop_grid``, ``precision``, ``memory_format``, ``normalization``), naming the CLI option; at construction.
     """
 
@@ -108,14 +120,18 @@ class TrainSettings:
     nesterov: bool = True
     poly_power: float = 0.9
     ema_decay: float = 0.99
+    ema_warmup: bool = True
     lambda_unsup: float = 0.5
+    unsup_rampup: float = 1.0
+    unsup_weighting: MaskWeighting = "weighted"
     tau: float = 0.95
     gamma_range: tuple[float, float] = (0.7, 1.5)
     flip: bool = False
     pic: PicSettings = field(default_factory=PicSettings)
     fkd: bool = True
+    fkd_reduction: FkdReduction = "channel_sum"
     aux: bool = True
-    aux_mode: AuxMode = "exclude"
+    aux_mode: AuxMode = "skcdf"
     labeled_only: bool = False
     targets: Targets = "hybrid"
     seed: int = 0
@@ -133,6 +149,8 @@ class TrainSettings:
         object.__setattr__(self, "cache", as_location(self.cache))
         check_choice(self.targets, POLICIES, "--targets", "targets")
         check_choice(self.aux_mode, AUX_MODES, "--aux-mode", "aux mode")
+        check_choice(self.unsup_weighting, MASK_WEIGHTINGS, "--unsup-weighting", "unsup weighting")
+        check_choice(self.fkd_reduction, FKD_REDUCTIONS, "--fkd-reduction", "fkd reduction")
         check_choice(self.teacher_view, TEACHER_VIEWS, "--teacher-view", "teacher view")
         if self.crop_grid is not None:
             check_choice(self.crop_grid, CROP_GRIDS, "--crop-grid", "crop grid")
@@ -168,14 +186,19 @@ class TrainSettings:
         return replace(self, **changes)
 
 
+# What runs saved before a field existed trained with: they resume and evaluate as they trained.
+# (Eq. 1 divided by C, L_unsup and aux averaged over their kept voxels, no ramp, no EMA warm-up.)
+SAVED_BEFORE = {"memory_format": "contiguous", "fkd_reduction": "mean", "unsup_weighting": "exclude",
+                "aux_mode": "exclude", "unsup_rampup": 0.0, "ema_warmup": False}
+
+
 def with_saved_defaults(data: object) -> object:
-    """A saved ``settings.json`` object with the fields that runs saved before them did not record:
-    those runs trained with bf16 autocast on a GPU, float32 on a CPU and contiguous tensors, so they
-    resume and evaluate as they trained (the dataclass defaults, ``auto``, could choose otherwise)."""
+    """A saved ``settings.json`` object with the fields that runs saved before them did not record
+    (:data:`SAVED_BEFORE`; precision: bf16 autocast on a GPU, float32 on a CPU), so that they resume and
+    evaluate as they trained (the dataclass defaults could choose otherwise)."""
     if not isinstance(data, dict):
         return data
-    return {"precision": "bfloat16" if torch.cuda.is_available() else "float32", "memory_format": "contiguous",
-            **data}
+    return {"precision": "bfloat16" if torch.cuda.is_available() else "float32", **SAVED_BEFORE, **data}
 
 
 def preset(name: str, cache: Path | str) -> TrainSettings:

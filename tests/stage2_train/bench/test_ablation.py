@@ -27,6 +27,7 @@ def test_rows_are_the_papers_switches(store, tmp_path):
     c = rows["consistency"]
     assert not (c.fkd or c.aux or c.pic.enabled or c.labeled_only)
     assert rows["pic"].pic.enabled and not rows["pic"].fkd and not rows["pic"].aux
+    assert rows["fkd"].fkd and not rows["fkd"].pic.enabled and not rows["fkd"].aux
     assert rows["pic-fkd"].fkd and not rows["pic-fkd"].aux
     full = rows["dino-mix"]
     assert full.fkd and full.aux and full.pic.enabled and not full.labeled_only
@@ -52,7 +53,12 @@ def test_ablation_runs_end_to_end_and_reruns_nothing(store, tmp_path):
     assert "unsup" in records[0] and "distill" not in records[0] and "unsup_aux" not in records[0]
     assert "unsup" not in RunFolder(tmp_path / "bench" / "labeled-only-seed0").records()[0]
     table = (tmp_path / "bench" / "ablation.md").read_text()
-    assert "+ PIC + FKD" in table and "±" in table
+    assert "+ PIC + FKD" in table and "±" in table and "Paired differences" in table
+    paired = {d["row"]: d for d in summary["paired"]}
+    assert "vs_labeled_only" not in paired["labeled-only"]
+    assert paired["pic-fkd"]["vs_base"]["against"] == "pic" and len(paired["pic-fkd"]["vs_base"]["per_seed"]) == 2
+    logs = next(r for r in summary["rows"] if r["row"] == "dino-mix")["logs"]
+    assert len(logs) == 2 and "distill" in logs[0]["shares"] and logs[0]["ema_val_dice"] is not None
     # A second call trains nothing: every run is finished.
     log = (tmp_path / "bench" / "dino-mix-seed0" / "log.jsonl").read_text()
     again = run_ablation(settings)
@@ -75,3 +81,19 @@ def test_ablation_cli(store, tmp_path):
     assert [r["row"] for r in summary["rows"]] == ["labeled-only", "dino-mix"]
     bad = CliRunner().invoke(app, ["bench", "ablation", "--cache", str(store), "--row", "nope"])
     assert bad.exit_code == 2
+
+
+def test_paired_differences_are_per_seed():
+    from stage2_train.bench.ablation_report import paired_differences
+
+    def row(name, means):
+        return {"row": name, "per_run_mean_dice": means, "per_run_dice": [[m, 0.0] for m in means]}
+
+    rows = [row("labeled-only", [60.0, 50.0, 55.0]), row("consistency", [62.0, 49.0, 58.0]),
+            row("pic", [70.0, 52.0, 57.0])]
+    got = {d["row"]: d for d in paired_differences(rows, {"consistency": "labeled-only", "pic": "consistency"})}
+    assert got["consistency"]["vs_labeled_only"]["per_seed"] == [2.0, -1.0, 3.0]
+    assert got["consistency"]["vs_labeled_only"]["mean"] == pytest.approx(4 / 3, abs=0.01)
+    assert got["pic"]["vs_base"]["per_seed"] == [8.0, 3.0, -1.0]
+    assert got["pic"]["vs_base"]["std"] == pytest.approx(4.51, abs=0.01)
+    assert got["pic"]["vs_labeled_only"]["per_class"] == [pytest.approx(14 / 3, abs=0.05), 0.0]

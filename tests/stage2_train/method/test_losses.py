@@ -93,7 +93,7 @@ def test_segloss_rejects_bad_inputs():
 def test_exclusion_equals_loss_on_kept_voxels_alone(lam_dice, lam_ce):
     logits, target, mask = _example(1)
     logits.requires_grad_(True)
-    loss = MaskedSegLoss(lambda_dice=lam_dice, lambda_ce=lam_ce)(logits, target, mask)
+    loss = MaskedSegLoss(mode="exclude", lambda_dice=lam_dice, lambda_ce=lam_ce)(logits, target, mask)
     # Reference 1: hand formulas on the kept voxels gathered into a flat list (no MONAI).
     ce, dice = hand_ce_dice(*_flat(logits, target, mask))
     assert loss.item() == pytest.approx(lam_ce * ce + lam_dice * dice, rel=1e-5)
@@ -112,17 +112,18 @@ def test_exclusion_equals_loss_on_kept_voxels_alone(lam_dice, lam_ce):
 def test_segloss_weight_mask_is_exclusion():
     logits, target, mask = _example(2)
     a = SegLoss()(logits, target, weight_mask=mask)
-    b = MaskedSegLoss()(logits, target, mask)
+    b = MaskedSegLoss(mode="exclude")(logits, target, mask)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
     assert SegLoss()(logits, target, weight_mask=torch.ones_like(mask)).item() == pytest.approx(
         SegLoss()(logits, target).item(), rel=1e-5
     )
 
 
-def test_all_masked_gives_zero_with_graph():
+@pytest.mark.parametrize("mode", ["exclude", "weighted"])
+def test_all_masked_gives_zero_with_graph(mode):
     logits, target, mask = _example(3)
     logits.requires_grad_(True)
-    loss = MaskedSegLoss()(logits, target, torch.zeros_like(mask))
+    loss = MaskedSegLoss(mode=mode)(logits, target, torch.zeros_like(mask))
     assert loss.requires_grad and loss.item() == 0.0
     loss.backward()
     assert torch.isfinite(logits.grad).all() and torch.all(logits.grad == 0)
@@ -155,7 +156,7 @@ def test_skcdf_mode_counts_masked_voxels_hand_computed():
     ce_x = (-math.log(p0[0]) - math.log(p1[1])) / 2
     dc1_x = (2 * p1[1] + 1) / (2 * p1[1] + p0[1] + (1 - p1[1]) + 1)
     dc2_x = 1 / (p0[2] + p1[2] + 1)
-    excl = MaskedSegLoss()(logits, target, mask)
+    excl = MaskedSegLoss(mode="exclude")(logits, target, mask)
     assert excl.item() == pytest.approx(ce_x + 1 - (dc1_x + dc2_x) / 2, rel=1e-6)
     assert abs(excl.item() - skcdf.item()) > 0.1
 
@@ -223,9 +224,9 @@ def test_distillation_hand_example():
     targ = torch.tensor([[1.0, 0.0], [0.0, 5.0]]).reshape(1, 2, 1, 1, 2).requires_grad_(True)
     # Location 0: (3, 4)/5 = (0.6, 0.8) vs (1, 0): diff (-0.4, 0.8), squared 0.16 + 0.64 = 0.8.
     # Location 1: (0, 2)/2 = (0, 1) vs (0, 5)/5 = (0, 1): 0.
-    loss = distillation_loss(proj, targ)
-    assert loss.item() == pytest.approx(0.8 / 4)  # mean over 2 channels × 2 locations
-    assert distillation_loss(proj, targ, reduction="channel_sum").item() == pytest.approx(0.8 / 2)
+    loss = distillation_loss(proj, targ)  # Eq. 1: squared distance per location, mean over the 2 locations
+    assert loss.item() == pytest.approx(0.8 / 2)
+    assert distillation_loss(proj, targ, reduction="mean").item() == pytest.approx(0.8 / 4)  # and over 2 channels
     loss.backward()
     assert targ.grad is None  # stop-gradient on the teacher target
     assert proj.grad is not None and proj.grad.abs().sum() > 0
@@ -237,9 +238,82 @@ def test_distillation_zero_for_positive_scale_and_positive_otherwise():
     # Each location scaled by its own positive factor: directions unchanged.
     scale = torch.rand(2, 1, 2, 3, 3, generator=g) * 5 + 0.1
     assert distillation_loss(proj, proj * scale).item() == pytest.approx(0.0, abs=1e-12)
-    assert distillation_loss(proj, -proj).item() == pytest.approx(4 / 8)  # |u - (-u)|² = 4 per location
+    assert distillation_loss(proj, -proj).item() == pytest.approx(4.0)  # |u - (-u)|² = 4 per location
+    assert distillation_loss(proj, -proj, reduction="mean").item() == pytest.approx(4 / 8)
     with pytest.raises(ValueError):
         distillation_loss(proj, proj[:, :4])
+
+
+def test_distillation_is_two_minus_two_cosine_per_location():
+    # Eq. 1 on crafted vectors: |u/|u| - v/|v||² = 2 - 2 cos(u, v) at each location, averaged over locations.
+    g = torch.Generator().manual_seed(3)
+    proj = torch.randn(2, 16, 1, 2, 3, generator=g, dtype=torch.float64)
+    targ = torch.randn(2, 16, 1, 2, 3, generator=g, dtype=torch.float64)
+    u = np.moveaxis(proj.numpy(), 1, -1).reshape(-1, 16)
+    v = np.moveaxis(targ.numpy(), 1, -1).reshape(-1, 16)
+    cos = (u * v).sum(1) / np.linalg.norm(u, axis=1) / np.linalg.norm(v, axis=1)
+    assert distillation_loss(proj, targ).item() == pytest.approx(float(np.mean(2 - 2 * cos)), rel=1e-5)
+    assert distillation_loss(proj, targ, reduction="mean").item() == pytest.approx(float(np.mean(2 - 2 * cos)) / 16,
+                                                                                  rel=1e-5)
+    with pytest.raises(ValueError):
+        distillation_loss(proj, targ, reduction="sum")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- masked-loss conventions against peer formulas
+
+
+def _crafted(seed=7, shape=(2, 5, 4, 6, 6), keep=0.05):
+    """Logits, labels and a sparse keep mask (about ``keep`` of the voxels), as a confident mask is early on."""
+    logits, target, _ = _example(seed, shape)
+    mask = torch.rand(target.shape, generator=torch.Generator().manual_seed(seed + 1)) < keep
+    return logits, target, mask
+
+
+def test_weighted_ce_is_most_thresholded_ce():
+    # MOST: CE with ignore_index on unconfident voxels, reduction "none", then the mean over ALL voxels.
+    logits, target, mask = _crafted()
+    ignored = torch.where(mask, target, torch.full_like(target, 255))
+    most = torch.nn.functional.cross_entropy(logits, ignored, ignore_index=255, reduction="none").mean()
+    ours = SegLoss(lambda_dice=0.0, weighting="weighted")(logits, target, weight_mask=mask)
+    assert ours.item() == pytest.approx(most.item(), rel=1e-6)
+    # "exclude" is the same sum over the kept voxels divided by their count: 1/keep-fraction times larger.
+    excl = SegLoss(lambda_dice=0.0, weighting="exclude")(logits, target, weight_mask=mask)
+    assert excl.item() == pytest.approx(most.item() * mask.numel() / mask.sum().item(), rel=1e-6)
+
+
+def test_weighted_aux_is_abc_masked_mean_plus_masked_dice():
+    # ABC: -mean over all samples of mask · Σ_c y_c log p_c (masked samples count as 0); the Dice of the
+    # kept voxels is MONAI's MaskedDiceLoss.
+    from monai.losses import MaskedDiceLoss
+
+    logits, target, mask = _crafted(seed=9, keep=0.2)
+    log_p = torch.log_softmax(logits, dim=1)
+    one_hot = torch.nn.functional.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
+    abc = -(mask * (one_hot * log_p).sum(1)).mean()
+    dice = MaskedDiceLoss(include_background=False, softmax=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)(
+        logits, one_hot, mask=mask.unsqueeze(1).float())
+    ours = MaskedSegLoss(mode="weighted")(logits, target, mask)
+    assert ours.item() == pytest.approx(abc.item() + dice.item(), rel=1e-6)
+
+
+def test_skcdf_aux_ce_gradient_equals_weighted():
+    # SKCDF's multiply adds a constant log C per masked voxel to the CE and nothing to its gradient: its CE
+    # weighs a kept voxel 1/N, as "weighted" does.
+    logits, target, mask = _crafted(seed=11, keep=0.1)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    skcdf = MaskedSegLoss(mode="skcdf", lambda_dice=0.0)(a, target, mask)
+    weighted = MaskedSegLoss(mode="weighted", lambda_dice=0.0)(b, target, mask)
+    masked_share = 1 - mask.float().mean().item()
+    assert skcdf.item() == pytest.approx(weighted.item() + masked_share * math.log(logits.shape[1]), rel=1e-6)
+    skcdf.backward()
+    weighted.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_unknown_weighting_refused():
+    with pytest.raises(ValueError):
+        SegLoss(weighting="kept")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- pseudo-labels

@@ -74,11 +74,11 @@ def test_rank_shares_split_each_iteration_and_seeds_differ():
     for rank in range(2):  # what each rank draws of an epoch: the plan, then its crops
         with torch.random.fork_rng(devices=[]):  # seeded() reseeds torch's global generator per rank
             state = TrainState.seeded(5, rank=rank, world_size=2)
-        plan = IterationSampler(labeled, unlabeled, 4, 4).epoch(state.plan_rng)
-        crops = state.np_rng.integers(0, 1 << 30, 4).tolist()
+        plan = IterationSampler(labeled, unlabeled, 4, 4).epoch(state.rngs["plan"])
+        crops = state.rngs["labeled_crops"].integers(0, 1 << 30, 4).tolist()
         with torch.random.fork_rng(devices=[]):
             again = TrainState.seeded(5, rank=rank, world_size=2)
-        assert crops == again.np_rng.integers(0, 1 << 30, 4).tolist()
+        assert crops == again.rngs["labeled_crops"].integers(0, 1 << 30, 4).tolist()
         drawn.append((plan, crops))
     (plan0, crops0), (plan1, crops1) = drawn
     assert plan0 == plan1 and len(plan0) == 2  # 9 unlabeled // (2 ranks x 2)
@@ -108,8 +108,9 @@ def test_torchrun_trains_resumes_exactly_and_rank0_writes(ddp_store, tmp_path):
     assert len(ranks) == 2
     saved = weights_sha256(ckpt["networks"])
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"] == saved  # student AND EMA equal on both
-    assert ranks[0]["np_rng"] != ranks[1]["np_rng"]  # each rank drew its own crops
-    assert not torch.equal(ranks[0]["torch_gen"], ranks[1]["torch_gen"])
+    assert ranks[0]["rngs"]["labeled_crops"] != ranks[1]["rngs"]["labeled_crops"]  # each rank drew its own crops
+    assert ranks[0]["rngs"]["plan"] == ranks[1]["rngs"]["plan"]  # and the same plans
+    assert not torch.equal(ranks[0]["gens"]["gamma"], ranks[1]["gens"]["gamma"])
 
     # 4 steps + resume for 2 more = 6 steps straight, bit for bit (every rank's generators restored).
     resumed = tmp_path / "resumed"

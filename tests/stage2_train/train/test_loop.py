@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -57,6 +58,15 @@ def test_run_folder_holds_settings_log_checkpoints_and_plot(train_store, tmp_pat
     assert 0.0 < step["recomputed"] < 1.0  # hybrid: only the slices holding the pasted box
     epoch = next(r for r in records if r["kind"] == "epoch")
     assert 0.0 < epoch["recomputed"] < 1.0 and len(epoch["val_dice_per_class"]) == 13
+    # What the epoch's terms weighed, the EMA beside the student, and the unsupervised branch's state.
+    assert set(epoch["shares"]) == {"sup", "sup_aux", "unsup", "unsup_aux", "distill"}
+    assert sum(epoch["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert 0.0 <= epoch["ema_val_dice"] <= 1.0 and len(epoch["ema_val_dice_per_class"]) == 13
+    assert 0.0 <= epoch["confident"] <= epoch["kept"] <= 1.0 and epoch["distill_grad"] > 0
+    assert epoch["ema_decay"] < 0.99  # warm-up: min(1 - 1/(t + 1), 0.99) over the first iterations
+    # The phantom store keeps the labels of its unlabeled cases: the pseudo-labels are scored against them.
+    assert len(epoch["pseudo_dice"]) == 13 and "confident_background" in epoch  # None: no confident voxel yet
+    assert step["lambda_unsup"] == pytest.approx(0.5 * math.exp(-5))  # the ramp starts near 0
     for name in ("latest.pt", "best.pt", "progress.png"):
         assert (run / name).exists(), name
 
@@ -175,7 +185,8 @@ def test_token_grid_crops(train_store, tmp_path):
         volumes = VolumeCache(store, store.complete_cases(), with_labels=True)
         iteration = DinoMixIteration(settings, store, volumes, None, torch.device("cpu"))
         state = TrainState.seeded(0)
-        offsets = {o for _ in range(60) for c in iteration._crops(["0001"], state) for o in c.offset[1:]}
+        rng = state.rngs["labeled_crops"]
+        offsets = {o for _ in range(60) for c in iteration._crops(["0001"], rng) for o in c.offset[1:]}
         assert offsets <= allowed and len(offsets) >= 3
     with pytest.raises(ValueError, match="crop grid"):
         small(train_store, None, crop_grid="pixel")
