@@ -20,13 +20,14 @@ app = typer.Typer(
     "Stage one: `extract` runs a frozen teacher once over every axial slice into a Zarr store. "
     "Inspect it with `info`, check it with `verify`; `train-teacher` trains a small anatomy-aware teacher on the "
     "dataset's labels where no pretrained one can be had. Stage two: `train` the student from the store, "
-    "`evaluate` it on the test split, `predict` any CT. `bench` measures speed.",
+    "`evaluate` it on the test split, `predict` any CT. `bench` measures speed and what the teacher's tokens know.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal's width
 )
-bench_app = typer.Typer(help="Measured speed (see the README's performance section).", no_args_is_help=True,
+bench_app = typer.Typer(help="Measured speed (see the README's performance section), and the anatomy a store's "
+                        "teacher tokens carry.", no_args_is_help=True,
                         rich_markup_mode="markdown")
 app.add_typer(bench_app, name="bench")
 
@@ -43,6 +44,7 @@ bench_app.command("extract")(bench.bench_extract_cmd)
 bench_app.command("targets")(bench.bench_targets_cmd)
 bench_app.command("step")(bench.bench_step_cmd)
 bench_app.command("ablation")(bench.bench_ablation_cmd)
+bench_app.command("anatomy")(bench.bench_anatomy_cmd)
 
 
 def main() -> None:
