@@ -55,7 +55,7 @@ def test_same_seed_gives_the_same_weights_and_another_seed_others(phantom_dir, t
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_labels_flag_reaches_the_store_and_info(phantom_dir, trained_teacher, tmp_path):
+def test_labels_flag_reaches_the_store_and_info(phantom_dir, trained_teacher, tmp_path, caplog):
     from stage1_extract.runner import run_extraction
     from tests.tiny import tiny_settings
 
@@ -63,7 +63,10 @@ def test_labels_flag_reaches_the_store_and_info(phantom_dir, trained_teacher, tm
     train_anatomy_teacher(tiny_teacher(phantom_dir, fair, steps=1, batch_size=2, labels="labeled"))
     for folder, oracle in ((trained_teacher, True), (fair, False)):
         store = tmp_path / f"{folder.name}.zarr"
+        caplog.clear()
         run_extraction(tiny_settings(phantom_dir, store, teacher=TeacherSettings(source=str(folder))))
+        # Trained on 64x64 slices, extracted from 32x32 ones: said, not refused.
+        assert "was trained on 64x64 slices; this store's are 32x32" in caplog.text
         with FeatureStore.open(store) as opened:
             teacher = opened.attrs.teacher
         assert teacher.training is not None and teacher.training.oracle is oracle
