@@ -25,6 +25,7 @@ split, and whatever dataset discovery and preprocessing refuse.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -222,6 +223,49 @@ def _patch_accuracy(model: DINOv3ViTModel, head: torch.nn.Linear, images: torch.
     return hits / max(total, 1), fg_hits / max(fg_total, 1)
 
 
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over the first ``_WARMUP`` of the steps, then a cosine decay to 0."""
+    warmup = max(1, round(_WARMUP * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _fit(model: DINOv3ViTModel, head: torch.nn.Linear, images: torch.Tensor, labels: torch.Tensor,
+         settings: AnatomyTeacherSettings, input_hw: tuple[int, int], grid: tuple[int, int]) -> list[float]:
+    """``settings.steps`` AdamW steps on random augmented batches of ``images`` (N, H, W); the losses.
+    Its randomness is a generator seeded by ``settings.seed`` and torch's global RNG (seeded by the caller)."""
+    mean, std = fam.DEFAULT_NORM["dinov3"]
+    params = [*model.parameters(), *head.parameters()]
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, functools.partial(_lr_factor, steps=settings.steps))
+    generator = torch.Generator().manual_seed(settings.seed)
+    prefix = 1 + settings.registers
+    losses: list[float] = []
+    model.train()
+    bar = Progress(TextColumn("[bold]train-teacher[/]"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(compact=True),
+                   console=Console(stderr=True), disable=not settings.progress)
+    with bar:
+        task = bar.add_task("steps", total=settings.steps, loss="-")
+        for step in range(settings.steps):
+            pick = torch.randint(len(images), (settings.batch_size,), generator=generator)
+            x, y = _augment(images[pick].to(torch.float32), labels[pick], settings, generator)
+            target = patch_histograms(y, grid, head.out_features)
+            tokens = model(pixel_values=teacher_pixels(x, input_hw, mean, std)).last_hidden_state[:, prefix:]
+            loss = -(target * head(tokens).log_softmax(-1)).sum(-1).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            schedule.step()
+            losses.append(loss.item())
+            if step % 10 == 0 or step == settings.steps - 1:
+                bar.update(task, completed=step + 1, loss=f"{np.mean(losses[-50:]):.3f}")
+    model.eval()
+    return losses
+
+
 def train_anatomy_teacher(settings: AnatomyTeacherSettings) -> AnatomyTeacherReport:
     """Train the teacher that ``settings`` describe and write its folder (see the module docstring).
 
@@ -238,64 +282,41 @@ def train_anatomy_teacher(settings: AnatomyTeacherSettings) -> AnatomyTeacherRep
     cases = training_cases(spec, settings.labels)
     eval_cases = [c for c in spec.cases if c.role == "eval" and c.label is not None]
     num_classes = len(spec.class_names)
-    slice_hw = settings.preprocess.target_shape[1:]
-    input_hw = settings.input_size or slice_hw
+    input_hw = settings.input_size or settings.preprocess.target_shape[1:]
     if any(v % settings.patch_size for v in input_hw):
         raise UserError(f"teacher input size {input_hw[0]}x{input_hw[1]} (the slice size unless --input-size is "
                         f"given) is not a multiple of the patch size {settings.patch_size}: set --input-size")
     grid = (input_hw[0] // settings.patch_size, input_hw[1] // settings.patch_size)
     images, labels, hashes = _slices(cases, settings, num_classes)
-    mean, std = fam.DEFAULT_NORM["dinov3"]
 
     with _deterministic(settings.threads, settings.seed):
         model = DINOv3ViTModel(_config(settings))
         head = torch.nn.Linear(settings.hidden_size, num_classes)
-        params = [*model.parameters(), *head.parameters()]
-        optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        warmup = max(1, round(_WARMUP * settings.steps))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: (s + 1) / warmup if s < warmup else
-                                                     0.5 * (1 + math.cos(math.pi * (s - warmup) /
-                                                                         max(1, settings.steps - warmup))))
-        generator = torch.Generator().manual_seed(settings.seed)
-        prefix = 1 + settings.registers
-        losses: list[float] = []
-        model.train()
-        bar = Progress(TextColumn("[bold]train-teacher[/]"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(compact=True),
-                       console=Console(stderr=True), disable=not settings.progress)
         start = time.perf_counter()
-        with bar:
-            task = bar.add_task("steps", total=settings.steps, loss="-")
-            for step in range(settings.steps):
-                pick = torch.randint(len(images), (settings.batch_size,), generator=generator)
-                x, y = _augment(images[pick].to(torch.float32), labels[pick], settings, generator)
-                target = patch_histograms(y, grid, num_classes)
-                tokens = model(pixel_values=teacher_pixels(x, input_hw, mean, std)).last_hidden_state[:, prefix:]
-                loss = -(target * head(tokens).log_softmax(-1)).sum(-1).mean()
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimiser.step()
-                schedule.step()
-                losses.append(loss.item())
-                if step % 10 == 0 or step == settings.steps - 1:
-                    bar.update(task, completed=step + 1, loss=f"{np.mean(losses[-50:]):.3f}")
+        losses = _fit(model, head, images, labels, settings, input_hw, grid)
         seconds = time.perf_counter() - start
-        model.eval()
-        accuracy: tuple[float, float] | None = None
+        accuracy: tuple[float | None, float | None] = (None, None)
         if eval_cases:
             eval_images, eval_labels, _ = _slices(eval_cases, settings, num_classes)
             accuracy = _patch_accuracy(model, head, eval_images, eval_labels, input_hw, grid)
 
-    label = trained_label(spec.name, settings.labels)
     report = AnatomyTeacherReport(
-        out=settings.out, label=label, cases=tuple(c.case_id for c in cases), seconds=seconds,
-        final_loss=float(np.mean(losses[-max(1, settings.steps // 10):])),
-        eval_accuracy=None if accuracy is None else accuracy[0],
-        eval_foreground_accuracy=None if accuracy is None else accuracy[1])
-    provenance = {
+        out=settings.out, label=trained_label(spec.name, settings.labels), cases=tuple(c.case_id for c in cases),
+        seconds=seconds, final_loss=float(np.mean(losses[-max(1, settings.steps // 10):])),
+        eval_accuracy=accuracy[0], eval_foreground_accuracy=accuracy[1])
+    provenance = _provenance(settings, spec, report, {
+        "case_roles": {c.case_id: c.role for c in cases}, "case_sha256": hashes,
+        "eval_cases": [c.case_id for c in eval_cases], "input_size": list(input_hw)})
+    _write_folder(model, provenance, settings.out)
+    return report
+
+
+def _provenance(settings: AnatomyTeacherSettings, spec: DatasetSpec, report: AnatomyTeacherReport,
+                cases: dict[str, Any]) -> dict[str, Any]:
+    """The ``dinomix_teacher.json`` record (its ``weights_sha256`` is added once the weights are written)."""
+    return {
         "kind": PROVENANCE_KIND,
-        "label": label,
+        "label": report.label,
         "labels": settings.labels,
         "oracle": settings.oracle,
         "note": ("Not a pretrained DINOv3: a small DINOv3 ViT that dinomix-cache train-teacher trained on the "
@@ -304,23 +325,18 @@ def train_anatomy_teacher(settings: AnatomyTeacherSettings) -> AnatomyTeacherRep
         "dataset": spec.name,
         "split": spec.split,
         "cases": list(report.cases),
-        "case_roles": {c.case_id: c.role for c in cases},
-        "case_sha256": hashes,
-        "eval_cases": [c.case_id for c in eval_cases],
+        **cases,
         "target_shape": list(settings.preprocess.target_shape),
-        "input_size": list(input_hw),
         "preprocessing": settings.preprocess.to_json(),
         "seed": settings.seed,
         "threads": settings.threads,
         "settings": settings_to_json(settings),
         "metrics": {"final_loss": report.final_loss, "eval_patch_accuracy": report.eval_accuracy,
                     "eval_foreground_patch_accuracy": report.eval_foreground_accuracy,
-                    "train_seconds": round(seconds, 1)},
+                    "train_seconds": round(report.seconds, 1)},
         "versions": {"dinomix-cache": dinomix_cache.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    _write_folder(model, provenance, settings.out)
-    return report
 
 
 def _write_folder(model: DINOv3ViTModel, provenance: dict[str, Any], out: Path) -> None:
