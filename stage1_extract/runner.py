@@ -176,6 +176,11 @@ def run_extraction(settings: ExtractSettings, teacher: Teacher | None = None,
         settings = replace(settings, teacher=teacher.settings)
     slice_hw = tuple(settings.preprocess.target_shape[1:])
     teacher.resolved_input_size(slice_hw)
+    trained_hw = tuple(teacher.training["target_shape"][1:]) if teacher.training else slice_hw
+    if trained_hw != slice_hw:
+        # Its tokens then cover more or less anatomy than the ones it learnt from: allowed, but said.
+        log.warning("teacher %s was trained on %dx%d slices; this store's are %dx%d", settings.teacher.source,
+                    *trained_hw, *slice_hw)
     meta = store_meta(settings, spec, teacher)
     identity = teacher.identity(slice_hw)  # the store's teacher attribute; a worker whose teacher differs refuses
 

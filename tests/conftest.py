@@ -13,9 +13,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from dinomix_cache.data.preprocess import PreprocessSettings  # noqa: E402
 from dinomix_cache.phantom.generate import generate_phantom  # noqa: E402
-from tests.tiny import TINY_PHANTOM, TINY_SHAPE, WIDE_SHAPE, tiny_settings, tiny_train  # noqa: E402
+from dinomix_cache.teacher.model import TeacherSettings  # noqa: E402
+from tests.tiny import TINY_PHANTOM, TINY_SHAPE, WIDE_SHAPE, tiny_settings, tiny_teacher, tiny_train  # noqa: E402
 
-__all__ = ["TINY_PHANTOM", "TINY_SHAPE", "WIDE_SHAPE", "tiny_settings", "tiny_train"]  # also importable from here
+__all__ = ["TINY_PHANTOM", "TINY_SHAPE", "WIDE_SHAPE", "tiny_settings", "tiny_teacher", "tiny_train"]  # also importable
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +57,26 @@ def good_run(good_store, tmp_path_factory) -> Path:
     settings = tiny_train(good_store, tmp_path_factory.mktemp("good-run") / "run", epochs=1, targets="cache",
                           dropout=False)
     return train(settings, max_steps=1)
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(phantom_dir, tmp_path_factory) -> Path:
+    """A teacher folder trained for a few seconds on the tiny phantom's training cases (``tests.tiny.tiny_teacher``:
+    labels of every training case, so labelled an oracle); never changed: copy it to change it."""
+    from dinomix_cache.teacher.anatomy_training import train_anatomy_teacher
+
+    out = tmp_path_factory.mktemp("teacher") / "vit"
+    train_anatomy_teacher(tiny_teacher(phantom_dir, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_store(phantom_dir, trained_teacher, tmp_path_factory) -> Path:
+    """A complete tiny store of the six phantom cases at 32 x 64 x 64 extracted with ``trained_teacher`` (the
+    ``wide_store`` of that teacher); never changed."""
+    from stage1_extract.runner import run_extraction
+
+    out = tmp_path_factory.mktemp("trained") / "s.zarr"
+    run_extraction(tiny_settings(phantom_dir, out, preprocess=PreprocessSettings(target_shape=WIDE_SHAPE),
+                                 teacher=TeacherSettings(source=str(trained_teacher))))
+    return out

@@ -9,6 +9,7 @@ from pathlib import Path
 from dinomix_cache.data.preprocess import PreprocessSettings
 from dinomix_cache.phantom.generate import PhantomSettings
 from dinomix_cache.store.feature_store import StoreSettings
+from dinomix_cache.teacher.anatomy_settings import AnatomyTeacherSettings
 from dinomix_cache.teacher.model import TeacherSettings
 from stage1_extract.settings import ExtractSettings
 from stage2_train.train.settings import TrainSettings
@@ -40,4 +41,14 @@ def tiny_train(cache: Path | str, out: Path | None = None, **changes) -> TrainSe
     """Settings of a training run of a few seconds on a tiny store: width 2, 16 x 32 x 32 crops,
     4 epochs, a checkpoint every step; ``changes`` replace any field."""
     base = TrainSettings(cache=cache, out=out, width=2, crop=(16, 32, 32), epochs=4, checkpoint_every=1)
+    return replace(base, **changes)
+
+
+def tiny_teacher(data: Path, out: Path, **changes) -> AnatomyTeacherSettings:
+    """Settings of a phantom-trained teacher of a few seconds on the tiny phantom at 32 x 64 x 64 (4 x 4 tokens):
+    a 2-layer, 64-wide DINOv3, 120 steps of 16 slices, every training case's labels; ``changes`` replace any
+    field."""
+    base = AnatomyTeacherSettings(data=data, out=out, phantom=TINY_PHANTOM, labels="train",
+                                  preprocess=PreprocessSettings(target_shape=WIDE_SHAPE), hidden_size=64, layers=2,
+                                  steps=120, batch_size=16, lr=2e-3, progress=False)
     return replace(base, **changes)

@@ -84,8 +84,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+class TeacherTrainingAttrs(_Section):
+    """``teacher.training``: how a teacher this project trained (``train-teacher``) was made, from its
+    provenance file (:func:`dinomix_cache.teacher.provenance.store_record`). ``oracle``: it learnt from
+    the labels of unlabeled cases (``labels`` ``train``), so no semi-supervised result may rest on it."""
+
+    dataset: Name
+    labels: Literal["labeled", "train"]
+    oracle: bool
+    cases: Annotated[list[CaseId], AfterValidator(_unique), Field(max_length=MAX_CASES)]
+    target_shape: tuple[Side, Side, Side]
+    seed: Annotated[int, Field(ge=0)]
+
+
 class TeacherAttrs(_Section):
-    """``teacher``: what :meth:`dinomix_cache.teacher.model.Teacher.identity` records (keep the two in step)."""
+    """``teacher``: what :meth:`dinomix_cache.teacher.model.Teacher.identity` records (keep the two in step).
+    ``training`` is absent (None) for hub, folder and random teachers, and in stores made before it existed."""
 
     source: Annotated[str, Field(min_length=1, max_length=4096)]
     label: Text
@@ -103,6 +117,7 @@ class TeacherAttrs(_Section):
     std: tuple[Positive, Positive, Positive]
     dtype: Literal["float32", "bfloat16", "float16"]
     layer: Text
+    training: TeacherTrainingAttrs | None = None
 
     @model_validator(mode="after")
     def _grid(self) -> TeacherAttrs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,11 @@ class LoadedModel:
             directory or a random teacher.
         weight_files: the safetensors files the weights came from (hashed lazily); None for a random teacher.
         random_weights_sha256: SHA-256 of a random teacher's state dict; None for pretrained weights.
+        label: how the teacher is named everywhere, when its folder says what it is (a teacher this
+            project trained: :mod:`~dinomix_cache.teacher.provenance`); None: "random, not pretrained"
+            or "pretrained" by ``is_random``.
+        training: what the store records of such a teacher's training
+            (:func:`~dinomix_cache.teacher.provenance.store_record`); None for any other teacher.
     """
 
     model: torch.nn.Module
@@ -35,6 +41,8 @@ class LoadedModel:
     revision: str | None
     weight_files: list[Path] | None
     random_weights_sha256: str | None
+    label: str | None = None
+    training: dict[str, Any] | None = None
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,15 +1,19 @@
 """Frozen ViT teacher: loads DINOv3 (default), DINOv2, CLIP or SigLIP(2) and returns patch-token grids.
 
 ``load_teacher(TeacherSettings(...))`` gives a :class:`Teacher`; ``Teacher.forward_slices`` maps a batch
-of greyscale CT slices in [0, 1] to the patch-token grid of the last hidden state. Loading never runs
-code from the source (safetensors only, no ``trust_remote_code``) and honours ``HF_HUB_OFFLINE``.
-``Teacher.identity`` is the provenance record stored with the features and compared on resume.
+of greyscale CT slices in [0, 1] to the patch-token grid of the last hidden state (its input is
+built by :func:`teacher_pixels`, which a teacher trained by this project is trained on too). Loading
+never runs code from the source (safetensors only, no ``trust_remote_code``) and honours
+``HF_HUB_OFFLINE``. ``Teacher.identity`` is the provenance record stored with the features and
+compared on resume; ``Teacher.label`` says what the weights are ("random, not pretrained",
+"pretrained", or what a trained teacher's provenance file says, oracle warning included).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from dinomix_cache.errors import UserError
 from dinomix_cache.teacher import families as fam
 from dinomix_cache.teacher.loaded import LoadedModel
 from dinomix_cache.teacher.pretrained import DEFAULT_TEACHER, load_pretrained
+from dinomix_cache.teacher.provenance import files_sha256
 from dinomix_cache.teacher.random_init import RANDOM_PREFIX, load_random
 
 RANDOM_LABEL = "random, not pretrained"
@@ -98,6 +103,8 @@ class Teacher:
         revision: str | None,
         weight_files: list[Path] | None,
         random_weights_sha256: str | None,
+        provenance_label: str | None = None,
+        training: dict | None = None,
     ):
         self.settings = settings
         self.model = model
@@ -115,12 +122,17 @@ class Teacher:
         self._revision = revision
         self._weight_files = weight_files
         self._weights_sha256 = random_weights_sha256
+        self._provenance_label = provenance_label
+        self.training = training  # a trained teacher's record (provenance.store_record), else None
         self._config_sha256 = _config_sha256(cfg)
         self._mean_t = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std_t = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     @property
     def label(self) -> str:
+        """What the weights are, as every output names them."""
+        if self._provenance_label is not None:
+            return self._provenance_label
         return RANDOM_LABEL if self.is_random else PRETRAINED_LABEL
 
     def resolved_input_size(self, slice_hw: tuple[int, int]) -> tuple[int, int]:
@@ -137,16 +149,13 @@ class Teacher:
 
     def weights_sha256(self) -> str:
         if self._weights_sha256 is None:
-            digest = hashlib.sha256()
-            for path in sorted(self._weight_files or [], key=lambda p: p.name):
-                with open(path, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 23), b""):
-                        digest.update(chunk)
-            self._weights_sha256 = digest.hexdigest()
+            self._weights_sha256 = files_sha256(self._weight_files or [])
         return self._weights_sha256
 
     def identity(self, slice_hw: tuple[int, int]) -> dict:
-        """JSON-able provenance: everything that changes feature values (not the device)."""
+        """JSON-able provenance: everything that changes feature values (not the device). ``training``
+        is present only for a teacher this project trained (stores made before it have none)."""
+        extra = {} if self.training is None else {"training": self.training}
         return {
             "source": self.settings.source,
             "label": self.label,
@@ -164,6 +173,7 @@ class Teacher:
             "std": list(self.std),
             "dtype": _dtype_name(self.dtype),
             "layer": "last_hidden_state",
+            **extra,
         }
 
     def describe(self) -> str:
@@ -192,11 +202,7 @@ class Teacher:
             in_h, in_w = int(input_size[0]), int(input_size[1])
         else:
             in_h, in_w = self.resolved_input_size((height, width))
-        x = slices.to(device=self.device, dtype=torch.float32).unsqueeze(1)
-        if (in_h, in_w) != (height, width):
-            x = F.interpolate(x, size=(in_h, in_w), mode="bilinear", align_corners=False, antialias=False)
-        x = x.expand(b, 3, in_h, in_w)
-        x = ((x - self._mean_t) / self._std_t).to(self.dtype)
+        x = teacher_pixels(slices.to(device=self.device), (in_h, in_w), self._mean_t, self._std_t).to(self.dtype)
         hidden = fam.run_model(self.family, self.model, x, self.patch_size)
         gh, gw = in_h // self.patch_size, in_w // self.patch_size
         expected = self.num_prefix_tokens + gh * gw
@@ -209,6 +215,23 @@ class Teacher:
             )
         grid = hidden[:, self.num_prefix_tokens :].reshape(b, gh, gw, hidden.shape[-1])
         return grid.to(device="cpu", dtype=torch.float32)
+
+
+def teacher_pixels(slices: torch.Tensor, input_hw: tuple[int, int], mean: torch.Tensor | Sequence[float],
+                   std: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """(B, H, W) slices in [0, 1] → (B, 3, H', W') float32 teacher input: resized (bilinear) to
+    ``input_hw`` when it differs from (H, W), the grey value repeated on 3 channels, normalised by the
+    per-channel ``mean`` and ``std``. Stage one's input, and the input a teacher trained by this
+    project learns from (differentiable, so augmented slices can go through it)."""
+    b, height, width = slices.shape
+    in_h, in_w = int(input_hw[0]), int(input_hw[1])
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=slices.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=slices.device).view(1, 3, 1, 1)
+    x = slices.to(torch.float32).unsqueeze(1)
+    if (in_h, in_w) != (height, width):
+        x = F.interpolate(x, size=(in_h, in_w), mode="bilinear", align_corners=False, antialias=False)
+    x = x.expand(b, 3, in_h, in_w)
+    return (x - mean_t) / std_t
 
 
 def scaled_input_size(image_hw: tuple[int, int], slice_hw: tuple[int, int], input_hw: tuple[int, int],
@@ -256,6 +279,8 @@ def _wrap(settings: TeacherSettings, loaded: LoadedModel, dtype: torch.dtype, de
         revision=loaded.revision,
         weight_files=loaded.weight_files,
         random_weights_sha256=loaded.random_weights_sha256,
+        provenance_label=loaded.label,
+        training=loaded.training,
     )
 
 

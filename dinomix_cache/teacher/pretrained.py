@@ -3,7 +3,9 @@
 A hub id is loaded through the hub cache (honouring ``HF_HUB_OFFLINE``) at a revision pinned to its
 commit; a directory needs a ``config.json`` and safetensors weights. Pickled weights and remote code are
 never loaded. The normalisation comes from the source's ``preprocessor_config.json``, else from the
-family's defaults; the weight files are returned so that their hash can be recorded.
+family's defaults; the weight files are returned so that their hash can be recorded. A directory that
+``dinomix-cache train-teacher`` wrote carries a provenance file (:mod:`dinomix_cache.teacher.provenance`):
+its label, not "pretrained", then names the teacher.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers.utils import logging as hf_logging
 from dinomix_cache.errors import UserError
 from dinomix_cache.teacher import families as fam
 from dinomix_cache.teacher.loaded import LoadedModel, freeze
+from dinomix_cache.teacher.provenance import read_provenance, store_record
 
 try:  # pins a revision to its commit; absent from some transformers versions
     from transformers.utils.hub import resolve_revision as _hf_resolve_revision
@@ -41,7 +44,8 @@ def load_pretrained(
     Raises:
         UserError: anything the user can fix (no such directory, no safetensors weights, a gated, missing
             or uncached repository, an unsupported ``model_type``, missing weights, a revision for a
-            directory, a bad preprocessor_config.json), with how to get the weights.
+            directory, a bad preprocessor_config.json, a provenance file that does not describe the
+            directory's weights), with how to get the weights.
     """
     path = Path(os.path.expanduser(source))
     local = path.is_dir()
@@ -106,8 +110,10 @@ def load_pretrained(
     model = freeze(model.to(device=device))
 
     mean, std = _normalisation(repo, revision, local, family, source)
+    provenance = None
     if local:
         weight_files, commit = _local_weight_files(path), None
+        provenance = read_provenance(path, weight_files)
     else:
         weight_files, commit = _hub_weight_files(repo, revision)
         if not weight_files:
@@ -125,6 +131,8 @@ def load_pretrained(
         revision=None if local else (resolved or requested_revision),
         weight_files=weight_files,
         random_weights_sha256=None,
+        label=None if provenance is None else provenance["label"],
+        training=None if provenance is None else store_record(provenance),
     )
 
 

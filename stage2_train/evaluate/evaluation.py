@@ -38,6 +38,8 @@ from dinomix_cache.errors import UserError, check_choice, writing
 from dinomix_cache.settings_codec import settings_to_json
 from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.locations import as_location
+from dinomix_cache.teacher.model import PRETRAINED_LABEL
+from dinomix_cache.teacher.provenance import ORACLE_MARK
 from stage2_train.evaluate.dice_chart import dice_bar_chart
 from stage2_train.evaluate.inference import (
     CHECKPOINTS,
@@ -290,6 +292,18 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _teacher_note(label: str) -> str | None:
+    """What the teacher's label means for the numbers, or None for a pretrained teacher."""
+    if ORACLE_MARK in label:
+        return (f"Teacher: **{label}**: it learnt from the labels of the unlabeled cases, so these numbers are not "
+                "a semi-supervised result.")
+    if "random" in label:
+        return f"Teacher: **{label}**: these numbers test the pipeline, not the method."
+    if label != PRETRAINED_LABEL:
+        return f"Teacher: **{label}**: not a pretrained DINOv3; it learnt from the labeled cases' labels only."
+    return None
+
+
 def results_markdown(result: dict[str, Any]) -> str:
     """The tables of ``results.md``: Avg. Dice, Avg. ASD and per-class Dice per run (paper layout),
     then mean ± std over runs, then per-class ASD, per-class ASSD, and both in mm where available."""
@@ -302,8 +316,9 @@ def results_markdown(result: dict[str, Any]) -> str:
              "ASD is the paper's (DHC's, medpy `asd(pred, label)`): the mean distance from the prediction's "
              "surface to the label's, directed. ASSD, the average symmetric surface distance (medpy `assd`, "
              "both directions pooled), is given apart below; it is not in the paper.", ""]
-    if "random" in teacher:
-        lines += [f"Teacher: **{teacher}**: these numbers test the pipeline, not the method.", ""]
+    note = _teacher_note(teacher)
+    if note:
+        lines += [note, ""]
     head = "| Run | Avg. Dice | Avg. ASD | " + " | ".join(labels) + " |"
     lines += [head, "|" + " --- |" * (3 + len(labels))]
     for r in runs:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dinomix_cache.errors import UserError
-from stage2_train.evaluate.evaluation import EvaluateSettings, evaluate
+from stage2_train.evaluate.evaluation import EvaluateSettings, _teacher_note, evaluate
 from stage2_train.train.loop import train
 from tests.tiny import tiny_train
 
@@ -93,3 +93,15 @@ def test_run_without_checkpoint_or_other_classes(three_runs, tmp_path):
         evaluate(EvaluateSettings(runs=(bare,)))
     with pytest.raises(UserError, match="split"):
         evaluate(EvaluateSettings(runs=(runs[0],), split="train"))
+
+
+@pytest.mark.parametrize(("label", "says"), [
+    ("random, not pretrained", "test the pipeline"),
+    ("trained on phantom labels (labeled split), not pretrained", "not a pretrained DINOv3"),
+    ("trained on phantom labels (all training cases), not pretrained; ORACLE: trained on the labels of unlabeled "
+     "cases", "not a semi-supervised result"),
+    ("pretrained", None),
+])
+def test_results_say_what_the_teacher_is(label, says):
+    note = _teacher_note(label)
+    assert (note is None) if says is None else (says in note and label in note)
