@@ -44,8 +44,10 @@ from typing import Any
 from dinomix_cache.atomic import write_atomic
 from dinomix_cache.errors import UserError, check_choice
 from dinomix_cache.settings_codec import settings_to_json
+from dinomix_cache.store.feature_store import FeatureStore
 from dinomix_cache.store.locations import as_location
 from stage2_train.bench.ablation_report import ablation_markdown, paired_differences, row_summary
+from stage2_train.bench.anatomy import anatomy_probe
 from stage2_train.evaluate.evaluation import SPLITS, EvaluateSettings, Split, evaluate
 from stage2_train.targets.policies import POLICIES, Targets
 from stage2_train.train.loop import train
@@ -182,7 +184,7 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
         result = evaluate(EvaluateSettings(runs=tuple(runs[row]), split=settings.split, out=out / f"evaluation-{row}",
                                            mm=False, figures=settings.figures))
         table.append(row_summary(row, ROWS[row][0], result, train_s[row], time.perf_counter() - start))
-    summary = {"settings": settings_to_json(settings),
+    summary = {"settings": settings_to_json(settings), "teacher": teacher_report(settings.cache),
                "class_labels": result["class_labels"], "rows": table,
                "paired": paired_differences(table, {name: base for name, (_, _, base) in ROWS.items()}),
                "train_s": round(sum(sum(v) for v in train_s.values()), 1)}
@@ -190,6 +192,28 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
     write_atomic(out / "ablation.json", json.dumps(summary, indent=1))
     write_atomic(out / "ablation.md", ablation_markdown(summary))
     return summary
+
+
+def teacher_report(cache: Path | str) -> dict[str, Any]:
+    """The store's teacher and how much anatomy its tokens carry (:func:`anatomy_probe`), printed beside
+    the FKD rows: what distillation can transfer is bounded by what the targets know. The probe is left
+    out, with the reason, where the store cannot be probed (no labelled train or test case)."""
+    store = FeatureStore.open(cache)
+    try:
+        teacher = store.attrs.teacher
+        report: dict[str, Any] = {"source": teacher.source, "label": teacher.label,
+                                  "description": f"`{teacher.source}` ({teacher.label})"}
+        try:
+            probe = anatomy_probe(store)
+        except UserError as exc:
+            report["probe_summary"] = f"not measured ({exc})"
+            return report
+    finally:
+        store.close()
+    report["probe"] = probe
+    report["probe_summary"] = (f"balanced accuracy {100 * probe['balanced_accuracy']:.1f} %, organ patches "
+                               f"{100 * (probe['foreground_accuracy'] or 0.0):.1f} %")
+    return report
 
 
 def _check_same_run(wanted: TrainSettings) -> None:

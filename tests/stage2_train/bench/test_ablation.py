@@ -54,6 +54,8 @@ def test_ablation_runs_end_to_end_and_reruns_nothing(store, tmp_path):
     assert "unsup" not in RunFolder(tmp_path / "bench" / "labeled-only-seed0").records()[0]
     table = (tmp_path / "bench" / "ablation.md").read_text()
     assert "+ PIC + FKD" in table and "±" in table and "Paired differences" in table
+    assert "random, not pretrained" in table and "anatomy probe" in table  # the teacher beside the FKD rows
+    assert 0.0 < summary["teacher"]["probe"]["balanced_accuracy"] <= 1.0
     paired = {d["row"]: d for d in summary["paired"]}
     assert "vs_labeled_only" not in paired["labeled-only"]
     assert paired["pic-fkd"]["vs_base"]["against"] == "pic" and len(paired["pic-fkd"]["vs_base"]["per_seed"]) == 2
