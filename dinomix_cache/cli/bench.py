@@ -28,7 +28,7 @@ from dinomix_cache.cli.extract import (
 )
 from dinomix_cache.store.feature_store import FeatureStore
 from stage1_extract.bench import bench_extract
-from stage2_train.bench.ablation import ROWS, SEEDS, AblationSettings, run_ablation
+from stage2_train.bench.ablation import ROWS, SEEDS, TABLE3_ROWS, AblationSettings, run_ablation
 from stage2_train.bench.anatomy import anatomy_probe
 from stage2_train.bench.step import VARIANTS, bench_step
 from stage2_train.bench.targets import bench_targets
@@ -141,8 +141,9 @@ def bench_ablation_cmd(
                                   "and seed, evaluation-ROW/, ablation.md, ablation.json."),
     preset: str = typer.Option(AblationSettings.preset, "--preset", help="Training preset of every row (cpu: the "
                                "demo's)."),
-    rows: list[str] | None = typer.Option(None, "--row", help="Only these rows (repeat): " + ", ".join(ROWS)
-                                          + f". Default all {len(ROWS)}."),
+    rows: list[str] | None = typer.Option(None, "--row", help="These rows, in this order (repeat): "
+                                          + ", ".join(ROWS) + ". Default the paper's Table 3: "
+                                          + " ".join(TABLE3_ROWS) + "."),
     seeds: list[int] | None = typer.Option(None, "--seed", help="Seeds (repeat). Default 0 1 666."),
     epochs: int | None = typer.Option(None, "--epochs", help="E_max of every run (default: the preset's)."),
     width: int | None = typer.Option(None, "--width", help="VNet base width (default: the preset's)."),
@@ -165,7 +166,7 @@ def bench_ablation_cmd(
     finished runs are kept, an unfinished one resumes from its latest checkpoint.
     """
     setup_logging()
-    settings = AblationSettings(cache=cache, out=out_path, preset=preset, rows=tuple(rows or ROWS),
+    settings = AblationSettings(cache=cache, out=out_path, preset=preset, rows=tuple(rows or TABLE3_ROWS),
                                 seeds=tuple(seeds or SEEDS), epochs=epochs, width=width,
                                 crop=parse_shape(crop, 3, "--crop") if crop else None, targets=targets,  # type: ignore[arg-type]
                                 max_steps=max_steps,

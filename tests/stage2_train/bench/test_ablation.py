@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dinomix_cache.cli.app import app
 from dinomix_cache.errors import UserError
-from stage2_train.bench.ablation import ROWS, AblationSettings, row_settings, run_ablation
+from stage2_train.bench.ablation import ROWS, TABLE3_ROWS, AblationSettings, row_settings, run_ablation
 from stage2_train.train.run_folder import RunFolder
 from stage2_train.train.settings import preset
 
@@ -28,6 +28,8 @@ def test_rows_are_the_papers_switches(store, tmp_path):
     assert not (c.fkd or c.aux or c.pic.enabled or c.labeled_only)
     assert rows["pic"].pic.enabled and not rows["pic"].fkd and not rows["pic"].aux
     assert rows["fkd"].fkd and not rows["fkd"].pic.enabled and not rows["fkd"].aux
+    assert rows["fkd-mean"].fkd_reduction == "mean" and rows["fkd"].fkd_reduction == "channel_sum"
+    assert rows["dino-mix-tau075"].tau == 0.75 and rows["dino-mix"].tau == 0.95
     assert rows["pic-fkd"].fkd and not rows["pic-fkd"].aux
     full = rows["dino-mix"]
     assert full.fkd and full.aux and full.pic.enabled and not full.labeled_only
@@ -44,7 +46,7 @@ def test_ablation_runs_end_to_end_and_reruns_nothing(store, tmp_path):
     settings = AblationSettings(cache=store, out=tmp_path / "bench", seeds=(0, 1), epochs=2, width=2,
                                 crop=(16, 32, 32), targets="cache", max_steps=1, figures=False)
     summary = run_ablation(settings)
-    assert [r["row"] for r in summary["rows"]] == list(ROWS)
+    assert [r["row"] for r in summary["rows"]] == list(TABLE3_ROWS)
     for r in summary["rows"]:
         assert r["steps"] == [1, 1] and len(r["dice"]) == 13
         assert len(r["mean_dice"]) == 2 and all(len(pair) == 2 for pair in r["dice"])
