@@ -213,6 +213,7 @@ class DinoMixIteration:
                 y_mix_aux = torch.where(boxes, y_mix, y_u_aux)
                 keep = unlabeled_aux_mask(y_mix_aux, self.rates, state.epoch, s.epochs, state.gens["aux"])
                 terms["unsup_aux"] = self.aux_loss(aux_mix, y_mix_aux, keep)
+                logged["unsup_aux_inert"] = self.aux_loss.inert(keep, aux_mix.shape[1])
             if s.fkd and self.policy is not None:
                 boxes_of = [box_of(boxes[i]) for i in range(len(unl_crops))]  # None: nothing pasted (--no-pic)
                 items = [MixedCrop(unl_crops[i], None if box is None else lab_crops[i % n], box)
@@ -226,6 +227,7 @@ class DinoMixIteration:
         if s.aux:
             keep = labeled_aux_mask(y_l, self.rates, state.gens["aux"])
             terms["sup_aux"] = self.aux_loss(aux_l, y_l, keep)
+            logged["sup_aux_inert"] = self.aux_loss.inert(keep, aux_l.shape[1])
         unsup = sum((terms[k] for k in ("unsup", "unsup_aux") if k in terms), torch.zeros((), device=self.device))
         total = terms["sup"] + terms.get("sup_aux", 0.0) + terms.get("distill", 0.0) + lam * unsup
         self.optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ in named conventions (:data:`MaskWeighting`, :data:`AuxMode`) that decide how mu
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import numpy as np
@@ -328,6 +329,14 @@ class MaskedSegLoss(nn.Module):
         self.mode = mode
         self.seg = SegLoss(lambda_dice, lambda_ce, smooth, include_background,
                            weighting="exclude" if mode == "skcdf" else mode)  # type: ignore[arg-type]
+
+    def inert(self, mask: torch.Tensor, num_classes: int) -> float:
+        """The part of this loss's value that carries no gradient: in ``"skcdf"`` mode each masked voxel adds
+        ``log C`` to the CE mean, so ``lambda_ce · (1 - kept fraction) · log C``; 0 in the other modes.
+        (Its share of a total loss says nothing of what the term weighs; the training log subtracts it.)"""
+        if self.mode != "skcdf":
+            return 0.0
+        return self.seg.lambda_ce * (1.0 - float(mask.float().mean())) * math.log(num_classes)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """

@@ -305,7 +305,8 @@ _TERMS = ("sup", "sup_aux", "distill", *_UNSUP_TERMS)
 def epoch_record(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: list[str], state: TrainState,
                  steps: list[dict[str, float]]) -> dict:
     """The log line of an epoch that just ended: validation Dice of the student and of the EMA teacher,
-    and what the epoch's steps did — each term's share of the total loss (weighted as in Eq. 5), the
+    and what the epoch's steps did — each term's share of the total loss (weighted as in Eq. 5, less the
+    constant that SKCDF's masked voxels add to the aux terms), the
     distillation gradient's share at x5, the confident and kept fractions of the unsupervised branch,
     the target recompute fraction and, where the truth of unlabeled cases is known, the pseudo-labels'
     quality (:class:`~stage2_train.method.pseudo_label_stats.PseudoLabelStats`)."""
@@ -323,10 +324,12 @@ def epoch_record(iteration: DinoMixIteration, volumes: VolumeCache, eval_ids: li
     if not iteration.settings.labeled_only and iteration.unlabeled and eval_ids:
         ema_dice, ema_per_class = validate(iteration, volumes, eval_ids, iteration.ema)
         record.update(ema_val_dice=ema_dice, ema_val_dice_per_class=rounded(ema_per_class))
-    total = float(np.mean([r["total"] for r in steps])) if steps else 0.0
+    # Each term with its Eq. 5 weight, less what carries no gradient (SKCDF's masked voxels: log C each).
+    weighted = {k: float(np.mean([(r.get(k, 0.0) - r.get(f"{k}_inert", 0.0))
+                                  * (r.get("lambda_unsup", 0.0) if k in _UNSUP_TERMS else 1.0) for r in steps]))
+                for k in _TERMS if any(k in r for r in steps)}
+    total = sum(weighted.values())
     if total > 0:
-        weighted = {k: float(np.mean([r.get(k, 0.0) * (r.get("lambda_unsup", 0.0) if k in _UNSUP_TERMS else 1.0)
-                                      for r in steps])) for k in _TERMS if any(k in r for r in steps)}
         record["shares"] = {k: round(v / total, 4) for k, v in weighted.items()}
     for key in ("distill_grad", "confident", "kept", "lambda_unsup", "ema_decay", "recomputed"):
         value = mean(key)

@@ -353,3 +353,12 @@ def test_dice_ce_equals_monai_value_and_gradient(weighted, include_background):
     loss.backward()
     ref.backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_skcdf_inert_part_is_the_masked_voxels_constant():
+    logits, target, mask = _crafted(seed=13, keep=0.1)
+    skcdf = MaskedSegLoss(mode="skcdf", lambda_dice=0.0)
+    weighted = MaskedSegLoss(mode="weighted", lambda_dice=0.0)
+    inert = skcdf.inert(mask, logits.shape[1])
+    assert skcdf(logits, target, mask).item() - inert == pytest.approx(weighted(logits, target, mask).item(), rel=1e-5)
+    assert weighted.inert(mask, logits.shape[1]) == 0.0
