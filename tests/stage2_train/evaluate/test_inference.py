@@ -74,6 +74,12 @@ def test_load_run_model_segments_like_the_trained_student(wide_store, tmp_path):
     labels = model.segment(image, InferenceSettings(stride=(16, 32, 32)))
     assert labels.shape == image.shape and labels.dtype == np.uint8
     with torch.inference_mode():
-        direct = model.network(torch.from_numpy(image[None, None, :16, :32, :32])).logits.argmax(1)[0].numpy()
-    # a corner covered by one window only is that window's argmax
-    assert np.array_equal(labels[:16, :32, :32], direct)
+        logits = model.network(torch.from_numpy(image[None, None, :16, :32, :32])).logits[0]
+    direct = logits.argmax(0).numpy()
+    # A corner covered by one window only is that window's argmax, wherever the argmax is decided: an
+    # untrained network's logits are near ties in places, which the run's precision (bf16 where the CPU
+    # has it) may break either way.
+    top2 = logits.topk(2, dim=0).values
+    decided = ((top2[0] - top2[1]) > 0.1).numpy()
+    assert decided.mean() > 0.2
+    assert np.array_equal(labels[:16, :32, :32][decided], direct[decided])
