@@ -145,7 +145,8 @@ def bench_ablation_cmd(
                                           + ", ".join(ROWS) + ". Default the paper's Table 3: "
                                           + " ".join(TABLE3_ROWS) + "."),
     seeds: list[int] | None = typer.Option(None, "--seed", help="Seeds (repeat). Default 0 1 666."),
-    epochs: int | None = typer.Option(None, "--epochs", help="E_max of every run (default: the preset's)."),
+    epochs: int = typer.Option(AblationSettings.epochs, "--epochs", help="E_max of every run, the benchmark's "
+                               "budget (80: where labeled-only stops improving on the CPU demo's store)."),
     width: int | None = typer.Option(None, "--width", help="VNet base width (default: the preset's)."),
     crop: str | None = typer.Option(None, "--crop", help="Training crop D x H x W (default: the preset's)."),
     targets: str = typer.Option(AblationSettings.targets, "--targets", help="Distillation targets of the rows "
